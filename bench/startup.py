@@ -1,0 +1,61 @@
+"""CLI start-up: `fetchml --help` and `fetchml info` against `python -c "import click"`.
+
+Goal: both within 2x of importing click, on the same machine, in the same run.
+Usage: python bench/startup.py [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
+    """Median wall time of ``runs`` runs, after one warm-up."""
+    subprocess.run(cmd, env=env, capture_output=True, check=True)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(cmd, env=env, capture_output=True, check=True)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fml-bench-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
+    sock = root / "state" / "fetchml.sock"
+    env.update(FETCHML_SOCKET=str(sock), FETCHML_GPUS="")
+    daemon = subprocess.Popen([sys.executable, "-m", "fetchml", "daemon", "--state-dir",
+                               str(root / "state")], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                sys.exit("daemon did not start")
+            time.sleep(0.05)
+        fetchml = shutil.which("fetchml", path=str(Path(sys.executable).parent)) or "fetchml"
+        click = timed([sys.executable, "-c", "import click"], env, args.runs)
+        helps = timed([fetchml, "--help"], env, args.runs)
+        info = timed([fetchml, "info"], env, args.runs)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"python -c 'import click'  {click * 1000:7.1f} ms")
+    print(f"fetchml --help            {helps * 1000:7.1f} ms   {helps / click:.2f}x  (goal <= 2x)")
+    print(f"fetchml info              {info * 1000:7.1f} ms   {info / click:.2f}x  (goal <= 2x)")
+
+
+if __name__ == "__main__":
+    main()

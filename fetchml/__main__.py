@@ -1,0 +1,5 @@
+import sys
+
+from fetchml.cli.main import main
+
+sys.exit(main())

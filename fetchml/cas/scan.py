@@ -1,0 +1,264 @@
+"""Scanning a project tree into a snapshot manifest, re-reading only the files that changed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fetchml.cas.hashing import hash_fd
+from fetchml.cas.ignore import IgnoreRules
+from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
+from fetchml.cas.statcache import StatCache
+from fetchml.errors import BadRequest, NotFound, TooLarge
+
+__all__ = ["DEFAULT_MAX_FILE_SIZE", "ScanResult", "StatCache", "scan_tree"]
+
+logger = logging.getLogger(__name__)
+
+# Bigger files are usually data or checkpoints that belong on the box, not in a snapshot.
+DEFAULT_MAX_FILE_SIZE = 1 << 30
+# How many of the oversized files the TooLarge message names.
+TOO_LARGE_NAMED = 5
+_HASH_ATTEMPTS = 2
+
+
+@dataclass
+class ScanResult:
+    manifest: SnapshotManifest
+    sources: dict[str, Path]  # oid -> one local file holding those bytes
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return (
+        before.st_size == after.st_size
+        and before.st_mtime_ns == after.st_mtime_ns
+        and before.st_ctime_ns == after.st_ctime_ns
+    )
+
+
+@dataclass
+class _Walk:
+    root: Path
+    rules: IgnoreRules
+    cache: StatCache | None
+    max_file_size: int
+    entries: list[ManifestEntry] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+    sources: dict[str, Path] = field(default_factory=dict)
+    too_large: list[tuple[int, str]] = field(default_factory=list)
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+
+    def run(self) -> None:
+        # (path in the manifest, path on disk relative to the root, absolute path on disk)
+        pending: list[tuple[str, str, Path]] = [("", "", self.root)]
+        while pending:
+            rel_dir, raw_dir, dir_path = pending.pop()
+            try:
+                children = list(os.scandir(dir_path))
+            except (FileNotFoundError, NotADirectoryError):
+                if not rel_dir:
+                    raise
+                continue  # removed or replaced while scanning: it is simply not there now
+            except OSError as exc:
+                raise BadRequest(
+                    f"cannot read directory {rel_dir or '.'!r} ({exc.strerror}); "
+                    "fix its permissions or add it to .fetchmlignore"
+                ) from exc
+            names: dict[str, str] = {}
+            for child in children:
+                pending.extend(self._visit(rel_dir, raw_dir, dir_path, child, names))
+
+    def _visit(
+        self,
+        rel_dir: str,
+        raw_dir: str,
+        dir_path: Path,
+        child: os.DirEntry[str],
+        names: dict[str, str],
+    ) -> list[tuple[str, str, Path]]:
+        raw_rel = f"{raw_dir}/{child.name}" if raw_dir else child.name
+        try:
+            is_link = child.is_symlink()
+            is_dir = not is_link and child.is_dir(follow_symlinks=False)
+        except FileNotFoundError:
+            return []
+        # Rules see the on-disk name: nested .gitignore and pyvenv.cfg are looked up by it.
+        if self.rules.is_ignored(raw_rel, is_dir):
+            return []
+        rel = self._checked_path(rel_dir, child.name, names)
+        if is_link:
+            self._add_link(rel, child.path)
+        elif is_dir:
+            self.dirs.append(rel)
+            return [(rel, raw_rel, dir_path / child.name)]
+        else:
+            self._add_file(rel, dir_path, child)
+        return []
+
+    def _checked_path(self, rel_dir: str, raw_name: str, names: dict[str, str]) -> str:
+        try:
+            raw_name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(raw_name)
+            where = f" in {rel_dir!r}" if rel_dir else ""
+            printable = shown.decode("utf-8", "backslashreplace")
+            raise BadRequest(
+                f"the file name {shown!r}{where} is not valid UTF-8; rename it or ignore it "
+                "in .fetchmlignore",
+                details={"path": f"{rel_dir}/{printable}" if rel_dir else printable},
+            ) from None
+        name = unicodedata.normalize("NFC", raw_name)
+        rel = f"{rel_dir}/{name}" if rel_dir else name
+        other = names.setdefault(name, raw_name)
+        if other != raw_name:
+            raise BadRequest(
+                f"{rel!r} exists twice under different Unicode normalisations; rename one of them",
+                details={"path": rel},
+            )
+        # Everything else about the path (backslashes, long names) is refused by the manifest.
+        return rel
+
+    def _add_link(self, rel: str, os_path: str) -> None:
+        try:
+            target = os.readlink(os_path)
+        except FileNotFoundError:
+            return
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(
+                f"the target of symlink {rel!r} is not valid UTF-8; change it or ignore the "
+                "link in .fetchmlignore",
+                details={"path": rel},
+            ) from None
+        # Names are stored NFC, so a link must name them the same way to still resolve.
+        self.entries.append(ManifestEntry.link(rel, unicodedata.normalize("NFC", target)))
+
+    def _add_file(self, rel: str, dir_path: Path, child: os.DirEntry[str]) -> None:
+        try:
+            st = child.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            logger.warning("skipping %r: not a regular file, directory or symlink", rel)
+            return
+        if st.st_size > self.max_file_size:
+            self.too_large.append((st.st_size, rel))
+            return
+        executable = bool(st.st_mode & stat.S_IXUSR)
+        oid = self.cache.lookup(rel, st, executable) if self.cache is not None else None
+        if oid is None:
+            hashed = self._hash(rel, child.path)
+            if hashed is None:
+                return
+            oid, st, hashed_at_ns = hashed
+            executable = bool(st.st_mode & stat.S_IXUSR)
+            if self.cache is not None:
+                self.cache.record(rel, st, executable, oid, hashed_at_ns=hashed_at_ns)
+        if oid not in self.sources:
+            self.sources[oid] = dir_path / child.name
+        self.entries.append(ManifestEntry.file(rel, oid, st.st_size, executable=executable))
+
+    def _hash(self, rel: str, os_path: str) -> tuple[str, os.stat_result, int] | None:
+        """(oid, stat, time before reading) of a file that held still while read; None if gone."""
+        for _ in range(_HASH_ATTEMPTS):
+            started_ns = time.time_ns()
+            try:
+                fd = os.open(os_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise BadRequest(
+                    f"cannot read {rel!r} ({exc.strerror}); fix its permissions or add it "
+                    "to .fetchmlignore",
+                    details={"path": rel},
+                ) from exc
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    continue
+                oid, size = hash_fd(fd, before.st_size)
+                after = os.fstat(fd)
+            except OSError as exc:
+                raise BadRequest(
+                    f"cannot read {rel!r} ({exc.strerror}); fix it or add it to .fetchmlignore",
+                    details={"path": rel},
+                ) from exc
+            finally:
+                os.close(fd)
+            self.hashed_files += 1
+            self.hashed_bytes += size
+            if _unchanged(before, after) and size == after.st_size:
+                return oid, after, started_ns
+        raise BadRequest(
+            f"{rel!r} kept changing while it was being read; stop whatever writes to it or add "
+            "it to .fetchmlignore",
+            details={"path": rel},
+        )
+
+    def check_sizes(self) -> None:
+        if not self.too_large:
+            return
+        largest = sorted(self.too_large, reverse=True)[:TOO_LARGE_NAMED]
+        named = ", ".join(f"{rel!r} ({_human_size(size)})" for size, rel in largest)
+        more = len(self.too_large) - len(largest)
+        raise TooLarge(
+            f"{len(self.too_large)} file(s) exceed max_file_size "
+            f"({_human_size(self.max_file_size)}): {named}{f' and {more} more' if more else ''}; "
+            "add them to .fetchmlignore or raise max_file_size",
+            details={"paths": [rel for _, rel in largest]},
+        )
+
+    def empty_dirs(self) -> list[str]:
+        """Directories with nothing kept under them: the only ones a manifest lists."""
+        holders: set[str] = set()
+        for path in [entry.path for entry in self.entries] + self.dirs:
+            end = path.rfind("/")
+            while end != -1:
+                parent = path[:end]
+                if parent in holders:
+                    break
+                holders.add(parent)
+                end = path.rfind("/", 0, end)
+        return [d for d in self.dirs if d not in holders]
+
+
+def scan_tree(
+    root: Path,
+    *,
+    rules: IgnoreRules,
+    cache: StatCache | None,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+) -> ScanResult:
+    """Snapshot the tree at ``root``: never follows symlinks, skips ignored paths.
+
+    With a cache, only files whose stat changed are read; call ``cache.save()`` afterwards.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotFound(f"{root} is not a directory; run fetchml from your project directory")
+    walk = _Walk(root, rules, cache, max_file_size)
+    walk.run()
+    walk.check_sizes()
+    walk.entries.extend(ManifestEntry.dir(path) for path in walk.empty_dirs())
+    manifest = SnapshotManifest(walk.entries)
+    if cache is not None:
+        cache.retain({entry.path for entry in walk.entries if entry.kind == "file"})
+    return ScanResult(manifest, walk.sources, walk.hashed_files, walk.hashed_bytes)

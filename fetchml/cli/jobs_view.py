@@ -1,0 +1,88 @@
+"""How jobs look on the CLI: JSON documents (RFC 3339 times) and table rows."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fetchml.cli.context import human_bytes
+
+TIME_KEYS = ("created_at", "queued_at", "started_at", "finished_at")
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def job_json(job: dict[str, Any]) -> dict[str, Any]:
+    """The wire job with RFC 3339 UTC times, as `--json` prints it."""
+    return {**job, **{key: rfc3339(job.get(key)) for key in TIME_KEYS}}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def elapsed(job: dict[str, Any], now: float | None = None) -> str:
+    now = now or time.time()
+    if job.get("started_at"):
+        return _duration((job.get("finished_at") or now) - job["started_at"])
+    return "waiting " + _duration(now - job["created_at"])
+
+
+def outcome(job: dict[str, Any]) -> str:
+    if job.get("signal"):
+        return f"signal {job['signal']}"
+    if job.get("exit_code") is not None:
+        return f"exit {job['exit_code']}"
+    return "-"
+
+
+TABLE_HEADERS = ["id", "name", "owner", "state", "pri", "gpus", "time", "result"]
+
+
+def table_row(job: dict[str, Any]) -> list[str]:
+    gpus = ",".join(str(g) for g in job["gpus"]) or (
+        f"({job['gpus_requested']})" if job.get("gpus_requested") else "-")
+    return [str(job["id"]), job["name"][:40], job["owner"], job["state"], str(job["priority"]),
+            gpus, elapsed(job), outcome(job)]
+
+
+def detail_lines(job: dict[str, Any]) -> list[str]:
+    rows = [
+        ("job", f"{job['id']}  {job['name']}"),
+        ("state", job["state"] + (f" ({job['reason']})" if job.get("reason") else "")),
+        ("owner", job["owner"]),
+        ("command", " ".join(job["argv"])),
+        ("snapshot", job["snapshot"][:12] + (f"  workdir {job['workdir']}" if job["workdir"]
+                                              else "")),
+        ("priority", str(job["priority"])),
+        ("resources", f"{job['cpus']} CPUs, "
+                      f"{human_bytes(job['memory']) if job['memory'] else 'any'} memory, "
+                      f"{job['gpus_requested']} GPUs"),
+        ("attempt", f"{job['attempt']} of {job['max_attempts']}"),
+        ("host", job.get("host") or "-"),
+        ("gpus", ",".join(str(g) for g in job["gpus"]) or "-"),
+        ("created", rfc3339(job["created_at"]) or "-"),
+        ("started", rfc3339(job.get("started_at")) or "-"),
+        ("finished", rfc3339(job.get("finished_at")) or "-"),
+        ("run time", elapsed(job) if job.get("started_at") else "-"),
+        ("result", outcome(job)),
+        ("peak memory", human_bytes(job.get("peak_rss"))),
+        ("cpu time", f"{job['cpu_time']:.2f}s" if job.get("cpu_time") is not None else "-"),
+        ("outputs", (job.get("outputs") or "-")[:12]),
+    ]
+    if job.get("after"):
+        rows.insert(7, ("after", ", ".join(str(a) for a in job["after"])))
+    return [f"{key:<12} {value}" for key, value in rows]

@@ -1,0 +1,39 @@
+"""fetchml pull: download a finished job's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
+from fetchml.client.transfer import download_snapshot
+from fetchml.errors import Conflict, NotFound
+
+
+@click.command()
+@click.argument("job")
+@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@json_option
+@pass_cli
+def pull(cli: CliContext, job: str, dest: Path | None) -> None:
+    """Download JOB's outputs into DEST (default ./outputs/JOB)."""
+    conn = cli.connect()
+    found = conn.call("jobs.get", {"job": job})
+    if found["state"] in ("held", "queued", "running"):
+        raise Conflict(f"job {found['id']} is {found['state']}; its outputs arrive when it "
+                       f"ends (`fetchml wait {found['id']}`)")
+    if not found.get("outputs"):
+        raise NotFound(f"job {found['id']} has no outputs: it wrote nothing to "
+                       "$FETCHML_OUTPUT_DIR")
+    target = dest or cli.cwd / "outputs" / str(found["id"])
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise Conflict(f"{target} already exists and is not empty; choose another destination")
+    manifest = download_snapshot(conn, found["outputs"], target)
+    summary = {"job": found["id"], "dest": str(target), "snapshot": found["outputs"],
+               "files": manifest.file_count, "bytes": manifest.total_bytes}
+    if cli.as_json:
+        cli.emit_json(summary)
+    else:
+        cli.say(f"pulled {manifest.file_count} files ({human_bytes(manifest.total_bytes)}) "
+                f"into {target}")

@@ -1,0 +1,63 @@
+"""fetchml status: the jobs table, or one job in detail."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
+from fetchml.cli.jobs_view import TABLE_HEADERS, detail_lines, job_json, table_row
+
+STATES = ["held", "queued", "running", "succeeded", "failed", "cancelled", "lost"]
+
+
+def _list_args(all_users: bool, state: tuple[str, ...], user: str | None, limit: int
+               ) -> dict[str, object]:
+    return {"all_users": all_users, "states": list(state) or None, "owner": user,
+            "limit": limit}
+
+
+@click.command()
+@click.argument("job", required=False)
+@click.option("--all", "all_users", is_flag=True, help="Everyone's jobs (needs the right role).")
+@click.option("--state", multiple=True, type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--user", help="Only this user's jobs.")
+@click.option("--limit", default=50, show_default=True, help="At most this many jobs.")
+@click.option("--watch", is_flag=True, help="Keep the table up to date until Ctrl-C.")
+@json_option
+@pass_cli
+def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, ...],
+           user: str | None, limit: int, watch: bool) -> None:
+    """Show jobs (active ones and the latest finished), or JOB in detail."""
+    conn = cli.connect()
+    if job is not None:
+        found = conn.call("jobs.get", {"job": job})
+        if cli.as_json:
+            cli.emit_json(job_json(found))
+        else:
+            cli.say("\n".join(detail_lines(found)))
+        return
+    args = _list_args(all_users, state, user, limit)
+
+    def show() -> None:
+        jobs = conn.call("jobs.list", args)["jobs"]
+        if cli.as_json:
+            cli.emit_json({"jobs": [job_json(j) for j in jobs]})
+        elif jobs:
+            cli.say(render_table(TABLE_HEADERS, [table_row(j) for j in jobs]))
+        else:
+            cli.say("no jobs; queue one with `fetchml queue -- python train.py`")
+
+    if not watch:
+        show()
+        return
+    events = conn.stream("jobs.events", {})
+    try:
+        while True:
+            if not cli.as_json:
+                sys.stdout.write("\033[H\033[2J")
+            show()
+            next(iter(events.events()))  # redraw on the next change
+    except KeyboardInterrupt:
+        pass

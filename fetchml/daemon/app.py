@@ -1,0 +1,224 @@
+"""create_app(settings): the aiohttp application, its routes, and the daemon's components.
+
+Components (stores, scheduler, inventory) are opened in the app's cleanup context, so a test
+can boot a complete daemon with ``create_app`` + an aiohttp runner and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from fetchml import __version__
+from fetchml.cas.objects import ObjectStore
+from fetchml.config import DaemonSettings
+from fetchml.daemon.auth import Authenticator, Identity, peer_credentials
+from fetchml.daemon.events import JobEvents
+from fetchml.daemon.handlers import HANDLERS, Call, load_all
+from fetchml.daemon.resources import HostInventory, detect_inventory
+from fetchml.daemon.runner import Runner
+from fetchml.daemon.scheduler import Capacity, Scheduler
+from fetchml.daemon.session import Session
+from fetchml.daemon.store import open_job_store
+from fetchml.daemon.store.base import Job, JobStore
+from fetchml.errors import BadRequest, FetchmlError, NotFound, Unauthenticated
+from fetchml.protocol import Limits
+
+log = logging.getLogger(__name__)
+
+MIN_PREFIX = 6  # shortest snapshot-id prefix accepted, as in `git` short ids
+
+
+class DaemonCore:
+    """Everything a handler may use; one per daemon."""
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.limits = Limits(
+            max_frame_bytes=settings.max_frame_bytes,
+            max_bin_len=settings.max_frame_bytes,
+            max_depth=settings.max_depth,
+            max_in_flight=settings.max_in_flight,
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.idle_timeout,
+        )
+        self.auth = Authenticator(settings.users, settings.roles)
+        self.sessions: set[Session] = set()
+        self.started_at = time.time()
+        self.inventory: HostInventory
+        self.objects: ObjectStore
+        self.snapshots: ObjectStore
+        self._gc_lock = asyncio.Lock()
+        self.events = JobEvents()
+        self.jobs: JobStore = None  # type: ignore[assignment]
+        self.runner: Runner = None  # type: ignore[assignment]
+        self.scheduler: Scheduler = None  # type: ignore[assignment]
+        self.handlers = load_all()
+
+    async def open(self) -> None:
+        s = self.settings
+        self.objects = ObjectStore(s.state_dir / "objects")
+        self.snapshots = ObjectStore(s.state_dir / "snapshots")
+        for store in (self.objects, self.snapshots):
+            removed = await asyncio.to_thread(store.remove_temp_files)
+            if removed:
+                log.info("removed %d unfinished uploads from %s", removed, store.root)
+        self.inventory = await asyncio.to_thread(
+            detect_inventory, s.name, gpus_override=s.gpus, cpus=s.cpus, memory=s.memory
+        )
+        inv = self.inventory
+        log.info("host %s: %d CPUs, %d MiB memory, %d GPUs", inv.name, inv.cpus,
+                 inv.memory // 2**20, len(inv.gpus))
+        self.jobs = open_job_store(s)
+        await self.jobs.open()
+        total = Capacity(inv.cpus, inv.memory, tuple(g.index for g in inv.gpus))
+        self.runner = Runner(
+            state_dir=s.state_dir, host=s.name, store=self.jobs, objects=self.objects,
+            snapshots=self.snapshots, inventory=inv, kill_grace=s.kill_grace,
+            environ=os.environ, on_change=self.publish, on_end=self._attempt_ended)
+        self.scheduler = Scheduler(self.jobs, s.name, total, s.aging_interval, self.runner.start)
+        await self.runner.open()
+        for job in await self.runner.adopt():
+            self.scheduler.started(job)
+        await self.scheduler.start()
+        self.scheduler.wake()
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.runner is not None:
+            await self.runner.close()
+        if self.jobs is not None:
+            await self.jobs.close()
+
+    def publish(self, job: Job) -> None:
+        """Tell every stream that a job changed."""
+        self.events.publish(job)
+
+    def _attempt_ended(self, job_id: int) -> None:
+        self.scheduler.ended(job_id)
+
+    @contextlib.asynccontextmanager
+    async def gc_guard(self) -> AsyncIterator[None]:
+        """Held while a snapshot is being recorded, so garbage collection cannot interleave."""
+        async with self._gc_lock:
+            yield
+
+    def count_upload(self, objects: int, data_bytes: int) -> None:
+        """Hook for upload metrics."""
+
+    async def resolve_snapshot(self, text: str) -> str:
+        """A full snapshot id from an id or a unique prefix of at least 6 hex digits."""
+        text = text.strip().lower()
+        if len(text) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in text):
+            raise BadRequest(f"{text[:80]!r} is not a snapshot id; give at least "
+                             f"{MIN_PREFIX} hex digits")
+        matches = await asyncio.to_thread(self.snapshots.find_prefix, text, 2)
+        if not matches:
+            raise NotFound(f"no snapshot {text}; `fetchml sync` prints the ids it stores")
+        if len(matches) > 1:
+            raise BadRequest(f"snapshot prefix {text} is ambiguous; give more digits")
+        return matches[0]
+
+    async def host_status(self) -> dict[str, Any]:
+        """Free resources and job counts (the scheduler fills these in once it runs)."""
+        free = self.scheduler.free()
+        counts = await self.jobs.counts()
+        return {"free": {"cpus": free.cpus, "memory": free.memory, "gpus": list(free.gpus)},
+                "jobs": {state.value: n for state, n in counts.items() if n}}
+
+    async def handle(self, call: Call) -> Any:
+        return await HANDLERS[call.op](call)
+
+    def observe_request(self, op: str, seconds: float) -> None:
+        """Hook for request metrics."""
+
+
+DAEMON_CORE = web.AppKey("fetchml_core", DaemonCore)
+
+
+def _authenticate(core: DaemonCore, request: web.Request) -> tuple[Identity, str]:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    header = request.headers.get("Authorization", "")
+    key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = peer_credentials(sock)
+        peer = f"unix pid {creds.pid} uid {creds.uid}"
+        return (core.auth.from_key(key) if key else core.auth.from_peer(creds)), peer
+    peer = str(request.remote)
+    if not key:
+        raise Unauthenticated("this daemon needs an API key; set FETCHML_API_KEY or run "
+                              "`fetchml init --save-key`")
+    return core.auth.from_key(key), peer
+
+
+def _refusal(exc: FetchmlError) -> web.Response:
+    status = {"unauthenticated": 401, "permission_denied": 403, "rate_limited": 429}.get(
+        exc.code, 400)
+    return web.json_response({"error": {"code": exc.code, "message": exc.message}},
+                             status=status)
+
+
+async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
+    core = request.app[DAEMON_CORE]
+    try:
+        identity, peer = _authenticate(core, request)
+    except FetchmlError as exc:
+        log.info("refused connection: %s", exc.message)
+        return _refusal(exc)
+    ws = web.WebSocketResponse(
+        compress=False,
+        max_msg_size=core.limits.max_frame_bytes,
+        autoping=True,
+        heartbeat=None,
+    )
+    await ws.prepare(request)
+    session = Session(core, ws, identity, peer)
+    core.sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        core.sessions.discard(session)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    core = request.app[DAEMON_CORE]
+    return web.json_response({"status": "ok", "daemon": f"fetchml/{__version__}",
+                              "uptime": round(time.time() - core.started_at, 3)})
+
+
+async def _core_context(app: web.Application) -> AsyncIterator[None]:
+    core = app[DAEMON_CORE]
+    await core.open()
+    try:
+        yield
+    finally:
+        await core.close()
+
+
+async def _close_sessions(app: web.Application) -> None:
+    sessions = list(app[DAEMON_CORE].sessions)
+    if sessions:
+        await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+
+
+def create_app(settings: DaemonSettings) -> web.Application:
+    """A complete daemon application; nothing is opened until the app starts."""
+    app = web.Application(client_max_size=64 * 1024)
+    app[DAEMON_CORE] = DaemonCore(settings)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ws", websocket_endpoint)
+    app.cleanup_ctx.append(_core_context)
+    app.on_shutdown.append(_close_sessions)
+    return app

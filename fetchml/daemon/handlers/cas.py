@@ -1,0 +1,156 @@
+"""cas.* and snapshot.*: uploads and downloads of objects and snapshot manifests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+from fetchml.cas.hashing import is_oid
+from fetchml.cas.manifest import SnapshotManifest
+from fetchml.cas.objects import ObjectStore, PendingObject
+from fetchml.daemon.handlers import Call, handles
+from fetchml.errors import BadRequest, IntegrityError, TooLarge
+from fetchml.protocol import CHUNK_BYTES
+
+UPLOADS_KEY = "cas.uploads"
+# Upper bound on a single object; a sync refuses bigger files long before this.
+MAX_OBJECT_BYTES = 1 << 40
+
+
+def _check_oids(oids: list[str]) -> None:
+    for oid in oids:
+        if not is_oid(oid):
+            raise BadRequest(f"{oid[:80]!r} is not an object id (64 lowercase hex digits)")
+
+
+def _blob_fields(blob: dict[str, Any]) -> tuple[str, int, int, bytes]:
+    oid, size, offset, data = (blob.get(k) for k in ("oid", "size", "offset", "data"))
+    if not isinstance(oid, str) or not is_oid(oid):
+        raise BadRequest("each blob needs an oid of 64 lowercase hex digits")
+    if type(size) is not int or not 0 <= size <= MAX_OBJECT_BYTES:
+        raise BadRequest(f"blob {oid[:12]} needs a size between 0 and {MAX_OBJECT_BYTES}")
+    if type(offset) is not int or not 0 <= offset <= size:
+        raise BadRequest(f"blob {oid[:12]} needs an offset between 0 and its size")
+    if not isinstance(data, bytes) or offset + len(data) > size:
+        raise BadRequest(f"blob {oid[:12]} needs binary data that ends within its size")
+    if set(blob) - {"oid", "size", "offset", "data"}:
+        raise BadRequest("a blob holds only oid, size, offset and data")
+    return oid, size, offset, data
+
+
+def _store_blobs(store: ObjectStore, uploads: dict[str, PendingObject],
+                 blobs: list[dict[str, Any]]) -> list[str]:
+    """Append each chunk to its object's pending upload; commit the objects it completes."""
+    done: list[PendingObject] = []
+    stored: list[str] = []
+    for blob in blobs:
+        oid, size, offset, data = _blob_fields(blob)
+        pending = uploads.get(oid)
+        if offset == 0:
+            if pending is not None:
+                pending.discard()
+            if len(data) == size and store.contains(oid):
+                uploads.pop(oid, None)
+                stored.append(oid)  # already here: content addressing makes it identical
+                continue
+            pending = uploads[oid] = store.begin(oid, size)
+        elif pending is None or pending.received != offset:
+            expected = 0 if pending is None else pending.received
+            raise BadRequest(f"chunk of {oid[:12]} at offset {offset} does not follow the "
+                             f"previous one (expected {expected}); resend it from offset 0")
+        pending.write(data)
+        if pending.complete:
+            done.append(uploads.pop(oid))
+    try:
+        store.commit(done)
+    finally:
+        stored.extend(p.oid for p in done)
+    return stored
+
+
+def _uploads(call: Call) -> dict[str, PendingObject]:
+    uploads: dict[str, PendingObject] | None = call.session.state.get(UPLOADS_KEY)
+    if uploads is None:
+        uploads = call.session.state[UPLOADS_KEY] = {}
+
+        def discard_all() -> None:
+            for pending in uploads.values():
+                pending.discard()
+            uploads.clear()
+
+        call.session.cleanups.append(discard_all)
+    return uploads
+
+
+@handles("cas.missing")
+async def cas_missing(call: Call) -> dict[str, Any]:
+    call.require("cas:write")
+    oids: list[str] = call.args["oids"]
+    _check_oids(oids)
+    return {"missing": await asyncio.to_thread(call.core.objects.missing, oids)}
+
+
+@handles("cas.put")
+async def cas_put(call: Call) -> dict[str, Any]:
+    call.require("cas:write")
+    blobs: list[dict[str, Any]] = call.args["blobs"]
+    total = sum(len(b.get("data", b"")) for b in blobs if isinstance(b.get("data"), bytes))
+    if total > CHUNK_BYTES:
+        raise TooLarge(f"cas.put carries {total} bytes of data; send at most {CHUNK_BYTES} "
+                       "per request")
+    stored = await asyncio.to_thread(_store_blobs, call.core.objects, _uploads(call), blobs)
+    call.core.count_upload(len(stored), total)
+    return {"stored": stored}
+
+
+@handles("cas.get")
+async def cas_get(call: Call) -> dict[str, Any]:
+    call.require("cas:read")
+    oid: str = call.args["oid"]
+    _check_oids([oid])
+    store = call.core.objects
+    size = await asyncio.to_thread(store.size, oid)
+    chunks: Iterator[bytes] = store.iter_chunks(oid, CHUNK_BYTES)
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            await call.emit("chunk", chunk)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return {"oid": oid, "size": size}
+
+
+def _put_snapshot(call: Call, data: bytes) -> dict[str, Any]:
+    manifest = SnapshotManifest.decode(data)
+    objects, snapshots = call.core.objects, call.core.snapshots
+    missing = objects.missing(sorted(manifest.oids()))
+    if missing:
+        raise IntegrityError(
+            f"{len(missing)} objects of this snapshot are not stored (first {missing[0][:12]}); "
+            "upload them before the manifest, or run the sync again",
+            details={"missing": missing[:1000]},
+        )
+    objects.flush()  # every object the manifest names is durable before the manifest exists
+    snapshot = manifest.snapshot_id
+    if not snapshots.contains(snapshot):
+        snapshots.put_bytes(manifest.encode())
+    return {"snapshot": snapshot, "files": manifest.file_count, "bytes": manifest.total_bytes}
+
+
+@handles("snapshot.put")
+async def snapshot_put(call: Call) -> dict[str, Any]:
+    call.require("cas:write")
+    async with call.core.gc_guard():
+        return await asyncio.to_thread(_put_snapshot, call, call.args["manifest"])
+
+
+@handles("snapshot.get")
+async def snapshot_get(call: Call) -> dict[str, Any]:
+    call.require("cas:read")
+    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    data = await asyncio.to_thread(call.core.snapshots.read_bytes, snapshot)
+    manifest = SnapshotManifest.decode(data)
+    return {"snapshot": snapshot, "manifest": data, "files": manifest.file_count,
+            "bytes": manifest.total_bytes}

@@ -1,0 +1,237 @@
+"""jobs.*: submit, list, get, cancel, wait and events.
+
+A user sees their own jobs unless their role has jobs:read:all; a job they may not see gets the
+same not_found answer as a job that does not exist, so ids leak nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fetchml.cas.paths import validate_path
+from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.scheduler import never_fits
+from fetchml.daemon.store.base import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Job,
+    JobSpec,
+    JobState,
+    Resources,
+)
+from fetchml.errors import BadRequest, NotFound
+
+JOB_KEYS = frozenset({"argv", "name", "env", "workdir", "priority", "cpus", "memory", "gpus",
+                      "timeout", "retries", "after", "labels"})
+MAX_JOBS_PER_SUBMIT = 10_000
+
+
+def job_to_wire(job: Job) -> dict[str, Any]:
+    """A job as the protocol carries it (times as epoch seconds)."""
+    return {
+        "id": job.id, "name": job.name, "owner": job.owner, "state": job.state.value,
+        "priority": job.priority, "snapshot": job.snapshot, "argv": list(job.argv),
+        "env": dict(job.env), "workdir": job.workdir, "cpus": job.resources.cpus,
+        "memory": job.resources.memory, "gpus_requested": job.resources.gpus,
+        "timeout": job.timeout, "max_attempts": job.max_attempts, "after": list(job.after),
+        "labels": dict(job.labels), "attempt": job.attempt, "reason": job.reason,
+        "created_at": job.created_at, "queued_at": job.queued_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
+        "gpus": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
+        "peak_rss": job.peak_rss, "cpu_time": job.cpu_time, "outputs": job.outputs,
+    }
+
+
+def may_see(call: Call, job: Job) -> bool:
+    return job.owner == call.identity.user or call.identity.allows("jobs:read:all")
+
+
+async def visible_job(call: Call, text: str) -> Job:
+    """The job named by ``text`` if the caller may see it; the same NotFound otherwise."""
+    missing = NotFound(f"no job {text} that you can see; `fetchml status` lists your jobs")
+    try:
+        job = await call.core.jobs.get(await call.core.jobs.resolve(str(text)))
+    except NotFound:
+        raise missing from None
+    if job is None or not may_see(call, job):
+        raise missing
+    return job
+
+
+def _number(value: Any, name: str, kind: type, default: Any) -> Any:
+    if value is None:
+        return default
+    if kind is float and type(value) in (int, float):
+        return float(value)
+    if type(value) is not kind:
+        expected = "a number" if kind is float else "an integer"
+        raise BadRequest(f"job field {name!r} must be {expected}")
+    return value
+
+
+async def _spec(call: Call, raw: dict[str, Any], snapshot: str) -> JobSpec:
+    unknown = sorted(set(raw) - JOB_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown job field {unknown[0]!r}; "
+                         f"fields are {', '.join(sorted(JOB_KEYS))}")
+    argv = raw.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequest("a job needs argv, a non-empty list of strings (the command to run)")
+    workdir = raw.get("workdir") or ""
+    if not isinstance(workdir, str):
+        raise BadRequest("workdir must be a path inside the snapshot")
+    workdir = validate_path(workdir.strip("/")) if workdir not in ("", ".") else ""
+    retries = _number(raw.get("retries"), "retries", int, 0)
+    if retries < 0:
+        raise BadRequest("retries must not be negative")
+    after: list[int] = []
+    for ref in raw.get("after") or []:
+        after.append((await visible_job(call, str(ref))).id)
+    name = raw.get("name") or " ".join(argv)[:80]
+    return JobSpec(
+        name=name, owner=call.identity.user, snapshot=snapshot, argv=tuple(argv),
+        env=raw.get("env") or {}, workdir=workdir,
+        priority=_number(raw.get("priority"), "priority", int, 5),
+        resources=Resources(cpus=_number(raw.get("cpus"), "cpus", int, 1),
+                            memory=_number(raw.get("memory"), "memory", int, 0),
+                            gpus=_number(raw.get("gpus"), "gpus", int, 0)),
+        timeout=_number(raw.get("timeout"), "timeout", float, None),
+        max_attempts=retries + 1, after=tuple(after), labels=raw.get("labels") or {},
+    )
+
+
+async def _supersede(call: Call, labels: dict[str, str]) -> None:
+    """Cancel the caller's queued or held jobs carrying all these labels."""
+    core = call.core
+    for job in await core.jobs.list(states={JobState.QUEUED, JobState.HELD},
+                                     owner=call.identity.user):
+        if all(job.labels.get(k) == v for k, v in labels.items()):
+            core.publish(await core.jobs.cancel(job.id, reason="superseded", now=time.time()))
+
+
+@handles("jobs.submit")
+async def jobs_submit(call: Call) -> dict[str, Any]:
+    call.require("jobs:create")
+    core = call.core
+    raw_jobs: list[dict[str, Any]] = call.args["jobs"]
+    if not raw_jobs or len(raw_jobs) > MAX_JOBS_PER_SUBMIT:
+        raise BadRequest(f"submit between 1 and {MAX_JOBS_PER_SUBMIT} jobs at once")
+    snapshot = await core.resolve_snapshot(call.args["snapshot"])
+    specs = [await _spec(call, raw, snapshot) for raw in raw_jobs]
+    total = core.scheduler.total
+    for spec in specs:
+        why = never_fits(spec, total)
+        if why:
+            raise BadRequest(f"job {spec.name!r} can never start: {why}; ask for less")
+    if call.args["supersede"]:
+        await _supersede(call, call.args["supersede"])
+    jobs = await core.jobs.submit(specs, time.time())
+    for job in jobs:
+        core.publish(job)
+    core.scheduler.wake()
+    return {"jobs": [job_to_wire(job) for job in jobs]}
+
+
+@handles("jobs.list")
+async def jobs_list(call: Call) -> dict[str, Any]:
+    call.require("jobs:read")
+    args, jobs = call.args, call.core.jobs
+    owner = args["owner"]
+    if args["all_users"] or (owner and owner != call.identity.user):
+        call.require("jobs:read:all")
+    elif not owner:
+        owner = call.identity.user
+    owner = None if args["all_users"] and not args["owner"] else owner
+    if args["states"]:
+        try:
+            states = {JobState(s) for s in args["states"]}
+        except ValueError:
+            raise BadRequest(f"states must be among {', '.join(JobState)}") from None
+        found = await jobs.list(states=states, owner=owner, limit=args["limit"],
+                                before_id=args["before"])
+    else:
+        active = await jobs.list(states=ACTIVE_STATES, owner=owner, limit=args["limit"],
+                                 before_id=args["before"])
+        recent = await jobs.list(owner=owner, limit=args["limit"], before_id=args["before"])
+        merged = {job.id: job for job in (*active, *recent)}
+        found = sorted(merged.values(), key=lambda j: -j.id)[: max(args["limit"], len(active))]
+    return {"jobs": [job_to_wire(job) for job in found]}
+
+
+@handles("jobs.get")
+async def jobs_get(call: Call) -> dict[str, Any]:
+    call.require("jobs:read")
+    return job_to_wire(await visible_job(call, call.args["job"]))
+
+
+async def cancel_job(call: Call, job: Job, reason: str) -> Job:
+    if job.owner != call.identity.user:
+        call.require("jobs:cancel:all")
+    if job.state in TERMINAL_STATES:
+        return job
+    updated = await call.core.jobs.cancel(job.id, reason=reason, now=time.time())
+    call.core.publish(updated)
+    if updated.state == JobState.RUNNING:
+        call.core.runner.cancel(job.id)
+    call.core.scheduler.wake()
+    return updated
+
+
+@handles("jobs.cancel")
+async def jobs_cancel(call: Call) -> dict[str, Any]:
+    call.require("jobs:cancel")
+    who = call.identity.user
+    reason = f"cancelled by {who}" + (f": {call.args['reason']}" if call.args["reason"] else "")
+    jobs = [await visible_job(call, text) for text in call.args["jobs"]]
+    return {"jobs": [job_to_wire(await cancel_job(call, job, reason)) for job in jobs]}
+
+
+async def _wait_until(call: Call, ids: Sequence[int],
+                      deadline: float | None) -> tuple[dict[int, Job], bool]:
+    done: dict[int, Job] = {}
+    with call.core.events.subscribe() as sub:
+        for job_id in ids:
+            job = await call.core.jobs.get(job_id)
+            if job is not None and job.state in TERMINAL_STATES:
+                done[job_id] = job
+                await call.emit("job", job_to_wire(job))
+        while len(done) < len(ids):
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return done, True
+            try:
+                job = await asyncio.wait_for(sub.next(), timeout)
+            except TimeoutError:
+                return done, True
+            if job.id in ids and job.id not in done and job.state in TERMINAL_STATES:
+                done[job.id] = job
+                await call.emit("job", job_to_wire(job))
+    return done, False
+
+
+@handles("jobs.wait")
+async def jobs_wait(call: Call) -> dict[str, Any]:
+    call.require("jobs:read")
+    jobs = [await visible_job(call, text) for text in call.args["jobs"]]
+    ids = list(dict.fromkeys(job.id for job in jobs))
+    timeout = call.args["timeout"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done, timed_out = await _wait_until(call, ids, deadline)
+    final = [done.get(i) or await call.core.jobs.get(i) for i in ids]
+    return {"jobs": [job_to_wire(j) for j in final if j is not None], "timed_out": timed_out}
+
+
+@handles("jobs.events")
+async def jobs_events(call: Call) -> dict[str, Any]:
+    call.require("jobs:read")
+    wanted = None
+    if call.args["jobs"] is not None:
+        wanted = {(await visible_job(call, text)).id for text in call.args["jobs"]}
+    with call.core.events.subscribe() as sub:
+        while True:
+            job = await sub.next()
+            if (wanted is None or job.id in wanted) and may_see(call, job):
+                await call.emit("job", job_to_wire(job))

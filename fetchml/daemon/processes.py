@@ -1,0 +1,451 @@
+"""A run directory's records, and the daemon's view of the processes they name.
+
+The daemon writes ``spec.json`` (``RunSpec``); the per-job supervisor writes
+``supervisor.json`` (``SupervisorInfo``) once the job started and ``status.json``
+(``RunStatus``) last of all. Processes are named by pid *and* create time, so a reused pid
+never passes for a job or supervisor that is gone.
+
+This module stays light (no asyncio at import time): the supervisor imports it too, and every
+module the launcher carries makes each of its forks dearer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import resource
+import signal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import psutil
+
+from fetchml.errors import BadRequest
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+SUPERVISOR_FILE = "supervisor.json"
+STATUS_FILE = "status.json"
+SUPERVISOR_LOG = "supervisor.log"
+INDEX_FILE_SUFFIX = ".idx"  # output.log -> output.idx
+DEFAULT_LOG = "output.log"
+DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, like systemd's default
+DEFAULT_UMASK = 0o022
+REASONS = frozenset({"exited", "timeout", "cancelled", "spawn_failed"})
+# psutil adds the boot time, read in whole seconds from /proc/stat, to a process's start tick;
+# that boot time moves by a second when the wall clock is stepped or slewed across a second,
+# so two readings of one process may differ by 1 s. No pid is reused within 1.5 s anyway.
+CREATE_TIME_TOLERANCE = 1.5
+EXIT_POLL_INTERVAL = 0.05  # seconds between two looks where pidfd_open is unavailable
+
+
+class ProcessRef(Protocol):
+    """Anything naming one exact process: a launcher's handle, a SupervisorInfo."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def create_time(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run one attempt: the content of spec.json. Validated on construction."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]  # the complete environment: nothing is inherited
+    cwd: str
+    timeout: float | None = None  # seconds of wall clock from the start
+    kill_grace: float = DEFAULT_KILL_GRACE
+    log: str = DEFAULT_LOG  # a file name inside the run directory
+    rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # name -> (soft, hard)
+    cpu_affinity: tuple[int, ...] | None = None
+    umask: int = DEFAULT_UMASK
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.argv) and all(isinstance(a, str) for a in self.argv),
+            "argv must be a non-empty list of strings",
+        )
+        _check(all("\0" not in a for a in self.argv), "argv must not contain NUL characters")
+        _check(
+            all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items())
+            and all(k and "=" not in k and "\0" not in k + v for k, v in self.env.items()),
+            "env must map variable names (no '=' or NUL) to strings",
+        )
+        _check(
+            isinstance(self.cwd, str) and os.path.isabs(self.cwd), "cwd must be an absolute path"
+        )
+        _check(
+            self.timeout is None or (_is_number(self.timeout) and 0 < self.timeout < math.inf),
+            "timeout must be a positive number of seconds or null",
+        )
+        _check(
+            _is_number(self.kill_grace) and 0 <= self.kill_grace < math.inf,
+            "kill_grace must be a number of seconds >= 0",
+        )
+        _check(
+            isinstance(self.log, str) and self.log not in ("", ".", "..") and "/" not in self.log,
+            "log must be a plain file name inside the run directory",
+        )
+        for name, (soft, hard) in self.rlimits.items():
+            _check(
+                name.startswith("RLIMIT_") and isinstance(getattr(resource, name, None), int),
+                f"unknown resource limit {name!r}; use names such as RLIMIT_AS or RLIMIT_NPROC",
+            )
+            _check(
+                _is_limit(soft) and _is_limit(hard) and _limit_le(soft, hard),
+                f"{name} must be a limit >= 0, or [soft, hard] with soft <= hard",
+            )
+        _check(
+            self.cpu_affinity is None
+            or (
+                bool(self.cpu_affinity)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                        for c in self.cpu_affinity)
+            ),
+            "cpu_affinity must be null or a non-empty list of CPU numbers",
+        )
+        _check(
+            isinstance(self.umask, int) and not isinstance(self.umask, bool)
+            and 0 <= self.umask <= 0o777,
+            "umask must be an integer between 0 and 0o777",
+        )
+
+    def resource_limits(self) -> list[tuple[int, int, int]]:
+        """(resource constant, soft, hard) for ``resource.setrlimit``."""
+        return [(getattr(resource, name), soft, hard) for name, (soft, hard) in
+                self.rlimits.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "timeout": self.timeout,
+            "kill_grace": self.kill_grace,
+            "log": self.log,
+            "rlimits": {name: list(limits) for name, limits in self.rlimits.items()},
+            "cpu_affinity": None if self.cpu_affinity is None else list(self.cpu_affinity),
+            "umask": self.umask,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunSpec:
+        """Build from parsed spec.json; BadRequest says which field is wrong."""
+        _check(isinstance(data, dict), "the spec must be a JSON object")
+        assert isinstance(data, dict)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown spec fields {unknown}; remove them")
+        _check("argv" in data and "cwd" in data, "the spec needs at least argv and cwd")
+        kwargs = dict(data)
+        _check(isinstance(kwargs["argv"], list), "argv must be a non-empty list of strings")
+        kwargs["argv"] = tuple(kwargs["argv"])
+        _check(isinstance(kwargs.get("env", {}), dict), "env must be an object of strings")
+        kwargs["env"] = dict(kwargs.get("env", {}))
+        if kwargs.get("timeout") is not None:
+            _check(_is_number(kwargs["timeout"]), "timeout must be a number of seconds or null")
+            kwargs["timeout"] = float(kwargs["timeout"])
+        for key in ("kill_grace", "umask", "log"):  # null means the default
+            if key in kwargs and kwargs[key] is None:
+                del kwargs[key]
+        rlimits = kwargs.get("rlimits") or {}
+        _check(isinstance(rlimits, dict), "rlimits must be an object of limits")
+        kwargs["rlimits"] = {name: _soft_hard(name, value) for name, value in rlimits.items()}
+        affinity = kwargs.get("cpu_affinity")
+        if affinity is not None:
+            _check(isinstance(affinity, list), "cpu_affinity must be null or a list of CPUs")
+            kwargs["cpu_affinity"] = tuple(affinity)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class SupervisorInfo:
+    """supervisor.json: who supervises the job, and the job's own identity."""
+
+    pid: int
+    create_time: float
+    job_pid: int
+    job_pgid: int
+    job_create_time: float
+    started_at: float
+
+    @classmethod
+    def from_dict(cls, data: object) -> SupervisorInfo:
+        _check(isinstance(data, dict), f"{SUPERVISOR_FILE} must hold a JSON object")
+        assert isinstance(data, dict)
+        for key in ("pid", "job_pid", "job_pgid"):
+            value = data.get(key)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                   f"{key} must be a positive integer")
+        for key in ("create_time", "job_create_time", "started_at"):
+            _check(_is_number(data.get(key)), f"{key} must be a number")
+        return cls(
+            pid=data["pid"],
+            create_time=float(data["create_time"]),
+            job_pid=data["job_pid"],
+            job_pgid=data["job_pgid"],
+            job_create_time=float(data["job_create_time"]),
+            started_at=float(data["started_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """status.json: how the attempt ended. Written last; its presence means the tree is gone."""
+
+    exit_code: int | None
+    signal: int | None
+    reason: str  # one of REASONS
+    error: str | None
+    started_at: float
+    finished_at: float
+    peak_rss: int  # bytes
+    cpu_time: float  # seconds, user + system, whole tree
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunStatus:
+        _check(isinstance(data, dict), f"{STATUS_FILE} must hold a JSON object")
+        assert isinstance(data, dict)
+        for key in ("exit_code", "signal"):
+            value = data.get(key)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                   f"{key} must be an integer or null")
+        _check(data.get("reason") in REASONS, f"reason must be one of {sorted(REASONS)}")
+        _check(data.get("error") is None or isinstance(data.get("error"), str),
+               "error must be a string or null")
+        for key in ("started_at", "finished_at", "cpu_time"):
+            _check(_is_number(data.get(key)), f"{key} must be a number")
+        peak = data.get("peak_rss")
+        _check(isinstance(peak, int) and not isinstance(peak, bool), "peak_rss must be an integer")
+        return cls(
+            exit_code=data["exit_code"],
+            signal=data["signal"],
+            reason=data["reason"],
+            error=data["error"],
+            started_at=float(data["started_at"]),
+            finished_at=float(data["finished_at"]),
+            peak_rss=data["peak_rss"],
+            cpu_time=float(data["cpu_time"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``.
+
+    No fsync: the rename keeps readers from ever seeing half a file across a daemon or
+    supervisor crash, and a host crash ends the job anyway.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        os.write(fd, json.dumps(dict(data)).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> RunStatus | None:
+    """The attempt's final status, or None while there is none (or it is unreadable)."""
+    data = _read_json(Path(run_dir) / STATUS_FILE)
+    return None if data is None else _parse(RunStatus.from_dict, data, run_dir)
+
+
+def read_supervisor_info(run_dir: Path) -> SupervisorInfo | None:
+    """Who supervises the attempt, or None before the job started (or if unreadable)."""
+    data = _read_json(Path(run_dir) / SUPERVISOR_FILE)
+    return None if data is None else _parse(SupervisorInfo.from_dict, data, run_dir)
+
+
+def process_matches(pid: int, create_time: float) -> bool:
+    """Whether that exact process (not a later one with its pid) is alive; zombies are not."""
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            started = process.create_time()
+            zombie = process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+    return not zombie and abs(started - create_time) < CREATE_TIME_TOLERANCE
+
+
+async def wait_process_exit(pid: int, create_time: float) -> None:
+    """Return once that exact process is gone; it need not be a child of this process."""
+    import asyncio  # here, not at the top: the supervisor and launcher import this module
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfd (old kernel, seccomp): poll
+        while True:
+            if not process_matches(pid, create_time):
+                return
+            await asyncio.sleep(EXIT_POLL_INTERVAL)
+    try:
+        # Checked after opening: the fd pins this process, so a match cannot go stale.
+        if not process_matches(pid, create_time):
+            return
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _resolve, gone)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def signal_supervisor(target: ProcessRef | int, create_time: float | None, sig: int) -> bool:
+    """Send ``sig`` to that exact process; return False (and do nothing) if it is gone."""
+    if isinstance(target, int):
+        if create_time is None:
+            raise BadRequest("signalling a bare pid needs its create time; pass the handle")
+        pid = target
+    else:
+        pid, create_time = target.pid, target.create_time
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd: a small window for pid reuse remains
+        if not process_matches(pid, create_time):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            return True
+        return False
+    try:
+        if not process_matches(pid, create_time):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+    return True
+
+
+def kill_orphaned_job(info: SupervisorInfo) -> bool:
+    """SIGKILL the job's process group after its supervisor vanished without a status.
+
+    Returns whether a living process was killed. Does nothing while the supervisor itself is
+    alive: it ends the job and writes the status itself.
+    """
+    if process_matches(info.pid, info.create_time):
+        return False
+    # The job leads its group (job_pgid == job_pid). A zombie leader still holds the number;
+    # a different process with that pid means the group is gone, since Linux does not hand
+    # out a number still used as a group id.
+    leader_started = _create_time_of(info.job_pgid)
+    if leader_started is not None and abs(leader_started - info.job_create_time) >= (
+        CREATE_TIME_TOLERANCE
+    ):
+        return False
+    if not _group_has_living_members(info.job_pgid):
+        return False
+    try:
+        os.killpg(info.job_pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except PermissionError as exc:
+        logger.warning("cannot kill process group %d: %s", info.job_pgid, exc.strerror)
+        return False
+    logger.info("killed process group %d of an orphaned job", info.job_pgid)
+    return True
+
+
+def _create_time_of(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _group_has_living_members(pgid: int) -> bool:
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _read_json(path: Path) -> object | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            logger.warning("cannot read %s: %s", path, exc.strerror)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as file:
+            data: object = json.loads(file.read())
+    except (OSError, ValueError) as exc:
+        logger.debug("ignoring unreadable %s: %s", path, exc)
+        return None
+    return data
+
+
+def _parse(build: Callable[[object], T], data: object, run_dir: Path) -> T | None:
+    try:
+        return build(data)
+    except BadRequest as exc:
+        logger.warning("ignoring a malformed record in %s: %s", run_dir, exc)
+        return None
+
+
+def _soft_hard(name: str, value: object) -> tuple[int, int]:
+    if isinstance(value, list) and len(value) == 2:
+        return (value[0], value[1])
+    _check(_is_limit(value), f"{name} must be a limit >= 0, or [soft, hard]")
+    assert isinstance(value, int)
+    return (value, value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_limit(value: object) -> bool:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return value >= 0 or value == resource.RLIM_INFINITY
+
+
+def _limit_le(soft: int, hard: int) -> bool:
+    if hard == resource.RLIM_INFINITY:
+        return True
+    return soft != resource.RLIM_INFINITY and soft <= hard
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise BadRequest(message)

@@ -1,0 +1,208 @@
+"""Listeners, the state-dir lock, signals and graceful stop: what turns an app into a daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import grp
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import cast
+
+from aiohttp import web
+
+from fetchml.config import DaemonSettings, daemon_socket_path
+from fetchml.daemon.app import create_app
+from fetchml.daemon.auth import Authenticator
+from fetchml.errors import ConfigError, Conflict, FetchmlError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "daemon.lock"
+# Written once the daemon listens, so tools and tests can find a TCP port chosen with port 0.
+RUNTIME_INFO_NAME = "daemon.json"
+# AF_UNIX paths are limited to 108 bytes including the terminating NUL.
+MAX_UNIX_PATH = 107
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the state dir for the daemon's lifetime."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Conflict(
+                f"another fetchml daemon (pid {holder}) is using state dir {state_dir}; "
+                "stop it first or choose another --state-dir"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def bind_unix_socket(path: Path, mode: int, group: str | None) -> socket.socket:
+    """Bind the local socket under umask 0077, replacing only a stale socket file."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ConfigError(
+            f"socket path {path} is longer than {MAX_UNIX_PATH} bytes; set a shorter "
+            "--state-dir or the socket setting"
+        )
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise Conflict(f"{path} exists and is not a socket; move it away or choose "
+                           "another socket path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise Conflict(f"cannot tell whether {path} is in use ({exc.strerror}); "
+                               "remove it if no daemon runs") from exc
+            log.info("removing stale socket %s", path)
+            path.unlink(missing_ok=True)
+        else:
+            raise Conflict(f"a daemon already answers on {path}; stop it first or choose "
+                           "another socket path")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, PermissionError) as exc:
+            sock.close()
+            raise ConfigError(f"cannot give socket {path} to group {group!r}: {exc}") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ConfigError(f"listen address {value!r} must look like 127.0.0.1:9101 or [::1]:9101")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(settings: DaemonSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from exc
+    return context
+
+
+def check_settings(settings: DaemonSettings) -> ssl.SSLContext | None:
+    """Validate what can be checked without starting; returns the TLS context, if any."""
+    context = tls_context(settings)
+    if settings.listen:
+        host, _ = parse_listen(settings.listen)
+        if context is None and not _is_loopback(host) and not settings.allow_insecure:
+            raise ConfigError(
+                f"refusing to listen on {settings.listen} without TLS; set tls_cert and "
+                "tls_key, or allow_insecure: true on a trusted network"
+            )
+    Authenticator(settings.users, settings.roles)
+    return context
+
+
+async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, object]], None]
+                | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until ``stop`` is set (or SIGTERM/SIGINT); returns after a clean stop."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    socket_path = daemon_socket_path(settings)
+    context = check_settings(settings)
+    tcp = parse_listen(settings.listen) if settings.listen else None
+    with state_dir_lock(settings.state_dir):
+        unix = bind_unix_socket(socket_path, settings.socket_mode, settings.socket_group)
+        ours = os.stat(socket_path).st_ino  # remove on exit only the socket we created
+        app = create_app(settings)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        info: dict[str, object] = {"pid": os.getpid(), "socket": str(socket_path)}
+        try:
+            await runner.setup()
+            await web.SockSite(runner, unix).start()
+            if tcp:
+                site = web.TCPSite(runner, tcp[0], tcp[1], ssl_context=context)
+                await site.start()
+                server = cast(asyncio.Server | None, site._server)
+                bound = server.sockets[0].getsockname() if server and server.sockets else tcp
+                scheme = "wss" if context else "ws"
+                info["url"] = f"{scheme}://{tcp[0]}:{bound[1]}/ws"
+                log.info("listening on %s", info["url"])
+            log.info("listening on unix socket %s", socket_path)
+            _write_runtime_info(settings.state_dir, info)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            if on_ready is not None:
+                on_ready(info)
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await runner.cleanup()
+            unix.close()
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(socket_path).st_ino == ours:
+                    socket_path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (settings.state_dir / RUNTIME_INFO_NAME).unlink()
+    log.info("stopped")
+
+
+def _write_runtime_info(state_dir: Path, info: dict[str, object]) -> None:
+    tmp = state_dir / f".{RUNTIME_INFO_NAME}.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(state_dir / RUNTIME_INFO_NAME)
+
+
+def run(settings: DaemonSettings) -> int:
+    """Blocking entry point: serve until stopped; returns the process exit status."""
+    try:
+        asyncio.run(serve(settings))
+    except FetchmlError as exc:
+        log.error("%s", exc.message)
+        return exc.exit_code
+    return 0

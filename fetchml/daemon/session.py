@@ -1,0 +1,262 @@
+"""One WebSocket connection: handshake, limits, dispatch by id, streams, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from fetchml import __version__
+from fetchml.daemon.handlers import HANDLERS, ORDERED_OPS, Call
+from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation
+from fetchml.protocol import (
+    CATALOGUE,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    CloseCode,
+    Request,
+    decode,
+    encode,
+    parse_request,
+    reply_error,
+    reply_ok,
+    stream_event,
+)
+
+if TYPE_CHECKING:
+    from fetchml.daemon.app import DaemonCore
+    from fetchml.daemon.auth import Identity
+
+log = logging.getLogger(__name__)
+
+# How long in-flight requests may run on after the daemon is asked to stop, before they are
+# answered with "unavailable"; short, since systemd waits for us.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class _StreamCancelled(Exception):
+    """Raised inside a stream's task when the client asked to end it."""
+
+
+class Session:
+    def __init__(self, core: DaemonCore, ws: web.WebSocketResponse, identity: Identity,
+                 peer: str) -> None:
+        self.core, self.ws, self.identity, self.peer = core, ws, identity, peer
+        self.limits = core.limits
+        self.in_flight: dict[int, asyncio.Task[None] | None] = {}
+        self.streams: set[int] = set()
+        self._cancelled_streams: set[int] = set()
+        self._send_lock = asyncio.Lock()
+        self._stopping = False
+        self.protocol = 0
+        # Per-connection state of handlers (e.g. uploads in progress) and how to release it.
+        self.state: dict[str, Any] = {}
+        self.cleanups: list[Callable[[], None]] = []
+
+    # -- sending ----------------------------------------------------------------------------
+    async def send(self, message: dict[str, Any]) -> None:
+        data = encode(message)
+        async with self._send_lock:
+            if self.ws.closed:
+                return
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_bytes(data)
+
+    async def send_event(self, request_id: int, event: str, data: Any) -> None:
+        if request_id in self._cancelled_streams:
+            raise _StreamCancelled
+        await self.send(stream_event(request_id, event, data))
+
+    async def close(self, code: int, reason: str) -> None:
+        log.info("closing session of %s (%s): %s", self.identity.user, self.peer, reason)
+        await self.ws.close(code=code, message=reason.encode()[:120])
+
+    # -- main loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            if not await self._handshake():
+                return
+            await self._serve()
+        except ProtocolViolation as exc:
+            log.info("protocol violation from %s: %s", self.peer, exc)
+            await self.close(exc.close_code, str(exc))
+        finally:
+            await self._cancel_all("the connection closed")
+            for cleanup in self.cleanups:
+                try:
+                    await asyncio.to_thread(cleanup)
+                except Exception:
+                    log.exception("session cleanup failed")
+
+    async def _receive_frame(self, wait_s: float | None) -> dict[str, Any] | None:
+        """Next decoded frame; None when the connection is over."""
+        msg = await self.ws.receive(timeout=wait_s)
+        if msg.type == WSMsgType.BINARY:
+            return decode(msg.data, self.limits)
+        if msg.type == WSMsgType.TEXT:
+            raise ProtocolViolation("text frames are not part of the protocol; send binary "
+                                    "msgpack", close_code=CloseCode.UNSUPPORTED_DATA)
+        if msg.type == WSMsgType.ERROR:
+            log.info("connection from %s failed: %s", self.peer, msg.data)
+        return None
+
+    async def _handshake(self) -> bool:
+        try:
+            frame = await self._receive_frame(self.limits.handshake_timeout)
+        except TimeoutError:
+            await self.close(CloseCode.POLICY_VIOLATION,
+                             f"no hello within {self.limits.handshake_timeout:g} s")
+            return False
+        if frame is None:
+            return False
+        request = parse_request(frame)
+        if request.op != "hello":
+            await self.send(reply_error(request.id, BadRequest.code,
+                                        "the first request must be hello"))
+            await self.close(CloseCode.POLICY_VIOLATION, "the first request must be hello")
+            return False
+        try:
+            args = CATALOGUE["hello"].validate(request.args)
+        except BadRequest as exc:
+            await self.send(reply_error(request.id, exc.code, exc.message))
+            await self.close(CloseCode.PROTOCOL_ERROR, "bad hello")
+            return False
+        agreed = min(int(args["protocol"]), PROTOCOL_VERSION)
+        if agreed < MIN_PROTOCOL_VERSION:
+            message = (f"client speaks protocol {args['protocol']} but this daemon needs "
+                       f"{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade fetchml")
+            await self.send(reply_error(request.id, BadRequest.code, message))
+            await self.close(CloseCode.PROTOCOL_ERROR, "no common protocol version")
+            return False
+        self.protocol = agreed
+        log.debug("hello from %s (%s) as %s", self.peer, args["client"], self.identity.user)
+        await self.send(reply_ok(request.id, self.hello_result()))
+        return True
+
+    def hello_result(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "daemon": f"fetchml/{__version__}",
+            "user": self.identity.user,
+            "role": self.identity.role,
+            "host": self.core.inventory.to_dict(),
+        }
+
+    async def _serve(self) -> None:
+        while not self.ws.closed:
+            idle = not self.in_flight and not self.streams
+            deadline = self.limits.idle_timeout if idle else None
+            try:
+                frame = await self._receive_frame(deadline)
+            except TimeoutError:
+                if not self.in_flight:
+                    await self.close(CloseCode.NORMAL, "idle for too long")
+                    return
+                continue
+            if frame is None:
+                return
+            await self._dispatch(parse_request(frame))
+
+    async def _dispatch(self, request: Request) -> None:
+        if request.id in self.in_flight:
+            raise ProtocolViolation(f"request id {request.id} is already in flight",
+                                    close_code=CloseCode.PROTOCOL_ERROR)
+        if len(self.in_flight) >= self.limits.max_in_flight:
+            raise ProtocolViolation(
+                f"more than {self.limits.max_in_flight} requests in flight",
+                close_code=CloseCode.POLICY_VIOLATION)
+        if self._stopping:
+            await self.send(reply_error(request.id, "unavailable",
+                                        "the daemon is stopping; retry once it is back"))
+            return
+        if request.op == "stream.cancel":
+            await self._cancel_stream(request)
+            return
+        spec, handler = CATALOGUE.get(request.op), HANDLERS.get(request.op)
+        if spec is None or handler is None or request.op == "hello":
+            message = ("hello was already sent" if request.op == "hello" else
+                       f"unknown op {request.op!r}; this daemon speaks protocol "
+                       f"{PROTOCOL_VERSION}, upgrade it if the CLI is newer")
+            await self.send(reply_error(request.id, BadRequest.code, message))
+            return
+        try:
+            args = spec.validate(request.args)
+        except BadRequest as exc:
+            await self.send(reply_error(request.id, exc.code, exc.message))
+            return
+        call = Call(self.core, self, self.identity, request.id, request.op, args)
+        if spec.stream:
+            self.streams.add(request.id)
+        if request.op in ORDERED_OPS:
+            self.in_flight[request.id] = None
+            await self._run(call)
+        else:
+            self.in_flight[request.id] = asyncio.create_task(self._run(call))
+
+    async def _run(self, call: Call) -> None:
+        started = time.monotonic()
+        try:
+            result = await self.core.handle(call)
+            await self.send(reply_ok(call.request_id, result))
+        except _StreamCancelled:
+            await self.send(reply_ok(call.request_id, {"cancelled": True}))
+        except FetchmlError as exc:
+            await self.send(reply_error(call.request_id, exc.code, exc.message, exc.details))
+        except asyncio.CancelledError:
+            if call.request_id in self._cancelled_streams:
+                await self.send(reply_ok(call.request_id, {"cancelled": True}))
+            else:
+                await self.send(reply_error(call.request_id, "unavailable",
+                                            "the daemon is stopping; run the command again "
+                                            "once it is back"))
+        except Exception:
+            log.exception("op %s (request %d) failed", call.op, call.request_id)
+            await self.send(reply_error(call.request_id, "internal",
+                                        f"{call.op} failed inside the daemon; the daemon's log "
+                                        "has the details, report them"))
+        finally:
+            self.in_flight.pop(call.request_id, None)
+            self.streams.discard(call.request_id)
+            self._cancelled_streams.discard(call.request_id)
+            self.core.observe_request(call.op, time.monotonic() - started)
+
+    async def _cancel_stream(self, request: Request) -> None:
+        try:
+            args = CATALOGUE["stream.cancel"].validate(request.args)
+        except BadRequest as exc:
+            await self.send(reply_error(request.id, exc.code, exc.message))
+            return
+        target = args["target"]
+        task = self.in_flight.get(target)
+        running = target in self.streams and task is not None
+        if running and task is not None:
+            self._cancelled_streams.add(target)
+            task.cancel()
+        await self.send(reply_ok(request.id, {"cancelled": running}))
+
+    # -- shutdown ---------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Let plain requests finish for a moment, end streams, then close with 1001."""
+        self._stopping = True
+        for request_id in list(self.streams):
+            task = self.in_flight.get(request_id)
+            if task is not None:
+                task.cancel()
+        tasks = [t for t in self.in_flight.values() if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
+        await self._cancel_all("the daemon is stopping")
+        await self.close(CloseCode.GOING_AWAY, "the daemon is stopping")
+
+    async def _cancel_all(self, why: str) -> None:
+        tasks = [t for t in self.in_flight.values() if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            log.debug("cancelling %d requests: %s", len(tasks), why)
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,47 @@
+"""Job stores: the JobStore contract and its implementations (SQLite, in-memory)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fetchml.daemon.store.base import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    AttemptResult,
+    Claim,
+    Job,
+    JobSpec,
+    JobState,
+    JobStore,
+    Resources,
+)
+from fetchml.daemon.store.memory import MemoryJobStore
+from fetchml.daemon.store.sqlite import SqliteJobStore
+
+if TYPE_CHECKING:
+    from fetchml.config import DaemonSettings
+
+
+def open_job_store(settings: DaemonSettings) -> JobStore:
+    """The store the settings name: the embedded SQLite database unless a Redis URL is given."""
+    if settings.store in ("sqlite", ""):
+        return SqliteJobStore(settings.state_dir / "jobs.db")
+    from fetchml.errors import ConfigError
+
+    raise ConfigError(f"unknown job store {settings.store!r}; use sqlite or redis://HOST:PORT/DB")
+
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "AttemptResult",
+    "Claim",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "JobStore",
+    "MemoryJobStore",
+    "Resources",
+    "SqliteJobStore",
+    "open_job_store",
+]
