@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from fetchml.cli.context import CliContext, pass_cli
 from fetchml.errors import DaemonUnreachable, FetchmlError
 
 DAEMON_START_TIMEOUT_S = 20.0
+DEMO_PROJECT = Path(__file__).resolve().parent.parent / "demo_project"
 
 
 def _fetchml(*args: str) -> list[str]:
@@ -72,7 +74,22 @@ def demo(cli: CliContext, keep: bool) -> None:
         _wait_for_socket(sock, daemon)
         click.echo(f"daemon started (pid {daemon.pid}), socket {sock}")
         demo = Demo(workdir, env)
+        project = workdir / "project"
+        shutil.copytree(DEMO_PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
         demo.step("Who am I, and what does this host have?", "info")
+        demo.step("Make the sample project a fetchml project", "init", cwd=project)
+        demo.step("Snapshot the project and upload it", "sync", cwd=project)
+        queued = demo.step("Queue a small learning-rate sweep (two jobs)", "queue",
+                           "--grid", "lr=0.05,0.5", "--json", "--", "python3", "train.py",
+                           "--lr", "{lr}", "--epochs", "15", cwd=project)
+        jobs = [str(job["id"]) for job in json.loads(queued)["jobs"]]
+        demo.step(f"Follow job {jobs[0]}'s output as it runs", "logs", "-f", jobs[0],
+                  cwd=project)
+        demo.step("Wait for the whole sweep", "wait", *jobs, cwd=project)
+        demo.step(f"Pull job {jobs[-1]}'s outputs", "pull", jobs[-1],
+                  str(workdir / "outputs"), cwd=project)
+        click.echo((workdir / "outputs" / "model.json").read_text())
+        demo.step("Show the jobs", "status", cwd=project)
         click.secho(f"\ndemo finished in {time.monotonic() - started:.1f} s", fg="green",
                     bold=True)
     except FetchmlError:
