@@ -49,6 +49,8 @@ class ClientSettings:
     socket: Path | None = setting(None, "Unix socket of the daemon to talk to", "path")
     url: str | None = setting(None, "ws:// or wss:// URL of a remote daemon")
     api_key: str | None = setting(None, "API key for a remote daemon", secret=True)
+    ca_file: Path | None = setting(None, "CA certificate that signed the daemon's TLS "
+                                   "certificate (default: the system's)", "path")
     connect_timeout: float = setting(10.0, "seconds to wait for the daemon to answer", "duration")
     max_file_size: int = setting(1024**3, "sync refuses files larger than this", "bytes")
     debounce: float = setting(0.2, "watch: quiet time before a burst of changes syncs", "duration")
@@ -86,6 +88,19 @@ class DaemonSettings:
         600.0, "a queued job gains one priority step per this many seconds waited", "duration")
     users: list[Any] = setting([], "users: [{name, role, uid?}]", "list", env=False)
     roles: dict[str, Any] = setting({}, "role permission overrides", "dict", env=False)
+    ip_allowlist: list[str] = setting(["127.0.0.0/8", "::1/128"],
+                                      "CIDR networks TCP clients may come from", "list")
+    trusted_proxies: list[str] = setting([], "proxies whose X-Forwarded-For is believed", "list")
+    allowed_origins: list[str] = setting([], "browser Origins allowed to connect", "list")
+    rate_limit_sessions: int = setting(30, "session opens per minute per key and per IP")
+    rate_limit_submits: int = setting(30, "job submissions per minute per key and per IP")
+    rate_limit_local: bool = setting(False, "also rate-limit sessions authenticated by uid")
+    auth_fail_threshold: int = setting(10, "failed logins from one source before a ban")
+    auth_fail_window: float = setting(600.0, "window in which failed logins count", "duration")
+    auth_ban: float = setting(900.0, "how long a source is banned", "duration")
+    audit_log: Path | None = setting(None, "audit log file (default <state_dir>/logs/audit.log)",
+                                     "path")
+    audit_max_bytes: int = setting(10 * 1024**2, "audit log size before it rotates", "bytes")
 
 
 S = TypeVar("S", ClientSettings, DaemonSettings)

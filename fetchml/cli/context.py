@@ -13,6 +13,7 @@ import click
 
 from fetchml.client import Connection, Target, connect, resolve_target
 from fetchml.config import ClientSettings, Loaded, load_client_settings
+from fetchml.errors import Unauthenticated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,8 +45,17 @@ class CliContext:
 
     def connect(self) -> Connection:
         if self._conn is None:
-            self._conn = connect(self.target(), api_key=self.settings.api_key,
-                                 timeout=self.settings.connect_timeout)
+            target, settings = self.target(), self.settings
+            ca_file = str(settings.ca_file) if settings.ca_file else None
+            try:
+                self._conn = connect(target, api_key=settings.api_key,
+                                     timeout=settings.connect_timeout, ca_file=ca_file)
+            except Unauthenticated:
+                if target.url is None or settings.api_key or not sys.stdin.isatty():
+                    raise
+                key = click.prompt(f"API key for {target.url}", hide_input=True).strip()
+                self._conn = connect(target, api_key=key, timeout=settings.connect_timeout,
+                                     ca_file=ca_file)
         return self._conn
 
     def close(self) -> None:

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cancel": ("cancel_cmd", "cancel", "Cancel queued or running jobs."),
     "pull": ("pull_cmd", "pull", "Download a job's outputs."),
     "fsck": ("fsck_cmd", "fsck", "Check the daemon's object store."),
+    "user": ("user_cmd", "user", "Add, list or revoke users and their API keys (admin)."),
+    "audit": ("audit_cmd", "audit", "Verify or show the audit log (admin)."),
     "info": ("info_cmd", "info", "Show the daemon, who you are, and the host's resources."),
     "config": ("config_cmd", "config", "Show the merged settings and where each came from."),
     "daemon": ("daemon_cmd", "daemon", "Run the daemon in the foreground."),

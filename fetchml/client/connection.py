@@ -186,7 +186,8 @@ class Connection:
         self.close()
 
 
-def _open_socket(target: Target, timeout: float) -> tuple[socket.socket, str, str, bool]:
+def _open_socket(target: Target, timeout: float, ca_file: str | None
+                 ) -> tuple[socket.socket, str, str, bool]:
     """Connect; returns (socket, host header, path, whether frames must be masked)."""
     if target.socket_path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,22 +217,23 @@ def _open_socket(target: Target, timeout: float) -> tuple[socket.socket, str, st
     if parts.scheme == "wss":
         import ssl  # only for remote daemons: keeps local start-up fast
 
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=ca_file)
         try:
             sock = context.wrap_socket(sock, server_hostname=parts.hostname)
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise DaemonUnreachable(
                 f"TLS handshake with {target.url} failed ({exc}); check the daemon's "
-                "certificate (SSL_CERT_FILE can point at a private CA)"
+                "certificate, or set ca_file (FETCHML_CA_FILE) to the CA that signed it"
             ) from exc
     host = parts.netloc.rpartition("@")[2]
     return sock, host, parts.path or "/ws", parts.scheme == "ws"
 
 
-def connect(target: Target, *, api_key: str | None = None, timeout: float = 10.0) -> Connection:
+def connect(target: Target, *, api_key: str | None = None, timeout: float = 10.0,
+            ca_file: str | None = None) -> Connection:
     """Open a session: connect, upgrade, hello. Raises FetchmlError subclasses only."""
-    sock, host, path, mask = _open_socket(target, timeout)
+    sock, host, path, mask = _open_socket(target, timeout, ca_file)
     ws = WebSocket(sock, mask_frames=mask, max_frame=CLIENT_LIMITS.max_frame_bytes)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:

@@ -20,7 +20,7 @@ from aiohttp import web
 from fetchml import __version__
 from fetchml.cas.objects import ObjectStore
 from fetchml.config import DaemonSettings
-from fetchml.daemon.auth import Authenticator, Identity, peer_credentials
+from fetchml.daemon.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.handlers import HANDLERS, Call, load_all
 from fetchml.daemon.resources import HostInventory, detect_inventory
@@ -29,7 +29,7 @@ from fetchml.daemon.scheduler import Capacity, Scheduler
 from fetchml.daemon.session import Session
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.base import Job, JobStore
-from fetchml.errors import BadRequest, FetchmlError, NotFound, Unauthenticated
+from fetchml.errors import BadRequest, FetchmlError, NotFound, RateLimited
 from fetchml.protocol import Limits
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class DaemonCore:
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
         )
-        self.auth = Authenticator(settings.users, settings.roles)
+        self.auth: Authenticator
         self.sessions: set[Session] = set()
         self.started_at = time.time()
         self.inventory: HostInventory
@@ -65,6 +65,7 @@ class DaemonCore:
 
     async def open(self) -> None:
         s = self.settings
+        self.auth = await asyncio.to_thread(Authenticator, s)
         self.objects = ObjectStore(s.state_dir / "objects")
         self.snapshots = ObjectStore(s.state_dir / "snapshots")
         for store in (self.objects, self.snapshots):
@@ -84,7 +85,8 @@ class DaemonCore:
             state_dir=s.state_dir, host=s.name, store=self.jobs, objects=self.objects,
             snapshots=self.snapshots, inventory=inv, kill_grace=s.kill_grace,
             environ=os.environ, on_change=self.publish, on_end=self._attempt_ended)
-        self.scheduler = Scheduler(self.jobs, s.name, total, s.aging_interval, self.runner.start)
+        self.scheduler = Scheduler(self.jobs, s.name, total, s.aging_interval, self.runner.start,
+                                   events=self.events)
         await self.runner.open()
         for job in await self.runner.adopt():
             self.scheduler.started(job)
@@ -111,6 +113,18 @@ class DaemonCore:
         """Held while a snapshot is being recorded, so garbage collection cannot interleave."""
         async with self._gc_lock:
             yield
+
+    def audit_call(self, call: Call, result: Any) -> None:
+        """Record a successful state-changing request, with a summary of what it did."""
+        summary: dict[str, Any] = {}
+        if isinstance(result, dict) and isinstance(result.get("jobs"), list):
+            summary["jobs"] = [j.get("id") for j in result["jobs"] if isinstance(j, dict)]
+            summary["names"] = [j.get("name") for j in result["jobs"] if isinstance(j, dict)]
+        for key in ("name", "role", "reason", "snapshot"):
+            if isinstance(call.args.get(key), str):
+                summary[key] = call.args[key]
+        self.auth.audit.record(call.op, user=call.identity.user, peer=call.identity.source,
+                               **summary)
 
     def count_upload(self, objects: int, data_bytes: int) -> None:
         """Hook for upload metrics."""
@@ -145,32 +159,38 @@ class DaemonCore:
 DAEMON_CORE = web.AppKey("fetchml_core", DaemonCore)
 
 
-def _authenticate(core: DaemonCore, request: web.Request) -> tuple[Identity, str]:
+def _knock(request: web.Request) -> Knock:
+    """What the connection presents: peer credentials or address, key, proxy and Origin."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
     header = request.headers.get("Authorization", "")
-    key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    key = header[7:].strip() if header.lower().startswith("bearer ") else None
     if sock is not None and sock.family == socket.AF_UNIX:
-        creds = peer_credentials(sock)
-        peer = f"unix pid {creds.pid} uid {creds.uid}"
-        return (core.auth.from_key(key) if key else core.auth.from_peer(creds)), peer
-    peer = str(request.remote)
-    if not key:
-        raise Unauthenticated("this daemon needs an API key; set FETCHML_API_KEY or run "
-                              "`fetchml init --save-key`")
-    return core.auth.from_key(key), peer
+        return Knock(unix=peer_credentials(sock), peer=None, key=key or None)
+    return Knock(unix=None, peer=request.remote, key=key or None,
+                 forwarded_for=request.headers.get("X-Forwarded-For"),
+                 origin=request.headers.get("Origin"))
 
 
 def _refusal(exc: FetchmlError) -> web.Response:
     status = {"unauthenticated": 401, "permission_denied": 403, "rate_limited": 429}.get(
         exc.code, 400)
-    return web.json_response({"error": {"code": exc.code, "message": exc.message}},
-                             status=status)
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.json_response({"error": {"code": exc.code, "message": exc.message,
+                                        "details": exc.details}},
+                             status=status, headers=headers)
 
 
 async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     core = request.app[DAEMON_CORE]
+    knock = _knock(request)
     try:
-        identity, peer = _authenticate(core, request)
+        identity = core.auth.admit(knock)
+    except SlowedRefusal as exc:
+        log.info("refused connection: %s", exc.message)
+        await asyncio.sleep(exc.delay)
+        return _refusal(exc)
     except FetchmlError as exc:
         log.info("refused connection: %s", exc.message)
         return _refusal(exc)
@@ -181,7 +201,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         heartbeat=None,
     )
     await ws.prepare(request)
-    session = Session(core, ws, identity, peer)
+    session = Session(core, ws, identity, identity.source)
     core.sessions.add(session)
     try:
         await session.run()

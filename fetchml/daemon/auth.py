@@ -1,7 +1,10 @@
-"""Who is asking: identities, roles and their permissions, peer credentials.
+"""Who is asking, and may they come in: identities, roles, keys, peer credentials, network
+policy, rate limits and failed-login bans, all decided before the WebSocket upgrade.
 
 On the Unix socket the kernel tells us the peer's uid (SO_PEERCRED): the daemon's own uid and
-root are admin, uids mapped in the config get their user's role, anyone else needs an API key.
+root are admin, uids mapped to users get their role, anyone else needs an API key. An
+``Authorization: Bearer`` key, when sent, takes precedence (an admin can act as a user). TCP
+clients need a key, must come from an allowed network, and a browser's Origin must be listed.
 """
 
 from __future__ import annotations
@@ -11,15 +14,32 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fetchml.errors import ConfigError, Unauthenticated
+from fetchml.config import DaemonSettings
+from fetchml.daemon.audit import AuditLog
+from fetchml.daemon.netpolicy import NetworkPolicy
+from fetchml.daemon.ratelimit import FailedLogins, TokenBuckets
+from fetchml.daemon.users import UserRegistry
+from fetchml.errors import (
+    ConfigError,
+    FetchmlError,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
 ALL = "*"
+PERMISSIONS = frozenset({
+    "host:read", "cas:read", "cas:write", "jobs:create", "jobs:read", "jobs:read:all",
+    "jobs:cancel", "jobs:cancel:all", "jobs:prune", "jobs:prune:all", "datasets:read",
+    "datasets:write", "datasets:delete:all", "admin:users", "admin:prune", "admin:fsck",
+    "admin:audit", "cluster:peer",
+})
 DEFAULT_ROLES: dict[str, frozenset[str]] = {
     "admin": frozenset({ALL}),
     "researcher": frozenset({
@@ -36,7 +56,9 @@ class Identity:
     user: str
     role: str
     permissions: frozenset[str]
-    uid: int | None = None  # set when authenticated by peer credentials
+    via: str = "uid"  # "uid" (peer credentials) or "key"
+    uid: int | None = None
+    source: str = ""  # what rate limits and bans count against: "ip 1.2.3.4" or "uid 1000"
 
     def allows(self, permission: str) -> bool:
         return ALL in self.permissions or permission in self.permissions
@@ -47,6 +69,17 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class Knock:
+    """What a connection presents before the upgrade."""
+
+    unix: PeerCredentials | None  # set on the Unix socket
+    peer: str | None  # TCP peer address
+    key: str | None
+    forwarded_for: str | None = None
+    origin: str | None = None
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -63,43 +96,140 @@ def _user_name(uid: int) -> str:
         return f"uid{uid}"
 
 
+def load_roles(overrides: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    roles = dict(DEFAULT_ROLES)
+    for name, permissions in overrides.items():
+        if not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions):
+            raise ConfigError(f"role {name!r} must list permission names")
+        unknown = sorted(set(permissions) - PERMISSIONS - {ALL})
+        if unknown:
+            raise ConfigError(f"role {name!r} names unknown permission {unknown[0]!r}; known: "
+                              f"{', '.join(sorted(PERMISSIONS))}")
+        roles[name] = frozenset(permissions)
+    return roles
+
+
+def check_users(users: list[Any], roles: Mapping[str, object]) -> list[dict[str, Any]]:
+    checked = []
+    for user in users:
+        if not isinstance(user, dict):
+            raise ConfigError(f"each entry of users must be a mapping, not {user!r}")
+        name, role, uid = user.get("name"), user.get("role"), user.get("uid")
+        if not isinstance(name, str) or not isinstance(role, str) or role not in roles:
+            raise ConfigError(f"user entry {user!r} needs a name and one of the roles "
+                              f"{', '.join(sorted(roles))}")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
+            raise ConfigError(f"uid of user {name!r} must be an integer")
+        checked.append(dict(user))
+    return checked
+
+
 class Authenticator:
-    """Turns a connection's credentials into an Identity, or refuses it."""
+    """Decides every connection and remembers what it needs to: users, buckets, bans."""
 
-    def __init__(self, users: Iterable[Mapping[str, Any]], roles: Mapping[str, Any]) -> None:
-        self.roles = dict(DEFAULT_ROLES)
-        for role_name, permissions in roles.items():
-            if not isinstance(permissions, list) or not all(
-                isinstance(p, str) for p in permissions
-            ):
-                raise ConfigError(f"role {role_name!r} must list permission names")
-            self.roles[role_name] = frozenset(permissions)
-        self.users_by_uid: dict[int, tuple[str, str]] = {}
-        for user in users:
-            name, role, uid = user.get("name"), user.get("role"), user.get("uid")
-            if not isinstance(name, str) or not isinstance(role, str) or role not in self.roles:
-                raise ConfigError(
-                    f"user entry {dict(user)!r} needs a name and one of the roles "
-                    f"{', '.join(sorted(self.roles))}"
-                )
-            if uid is not None:
-                if not isinstance(uid, int):
-                    raise ConfigError(f"uid of user {name!r} must be an integer")
-                self.users_by_uid[uid] = (name, role)
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.roles = load_roles(settings.roles)
+        config_users = check_users(settings.users, self.roles)
+        self.registry = UserRegistry(settings.state_dir, config_users, set(self.roles))
+        self.policy = NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies,
+                                    settings.allowed_origins)
+        self.session_buckets = TokenBuckets(settings.rate_limit_sessions)
+        self.submit_buckets = TokenBuckets(settings.rate_limit_submits)
+        self.limit_local = settings.rate_limit_local
+        self.failures = FailedLogins(settings.auth_fail_threshold, settings.auth_fail_window,
+                                     settings.auth_ban)
+        audit_path = settings.audit_log or settings.state_dir / "logs" / "audit.log"
+        self.audit = AuditLog(audit_path, max_bytes=settings.audit_max_bytes)
+        self.audit.open()
+        self.daemon_uid = os.geteuid()
 
-    def identity(self, user: str, role: str, uid: int | None = None) -> Identity:
-        return Identity(user, role, self.roles.get(role, frozenset()), uid)
+    def identity(self, user: str, role: str, *, via: str, uid: int | None = None,
+                 source: str = "") -> Identity:
+        return Identity(user, role, self.roles.get(role, frozenset()), via, uid, source)
 
-    def from_peer(self, creds: PeerCredentials) -> Identity:
-        if creds.uid in (os.geteuid(), 0):
-            return self.identity(_user_name(creds.uid), "admin", creds.uid)
-        mapped = self.users_by_uid.get(creds.uid)
+    # -- admission --------------------------------------------------------------------------
+    def admit(self, knock: Knock) -> Identity:
+        """The identity of an incoming connection, or the FetchmlError that refuses it (a
+        failed login raises SlowedRefusal: its answer is held back a little longer each time)."""
+        if knock.unix is not None:
+            source = f"uid {knock.unix.uid}"
+            peer = f"unix uid {knock.unix.uid} pid {knock.unix.pid}"
+        else:
+            address = self.policy.client_address(knock.peer, knock.forwarded_for)
+            source, peer = f"ip {address}", f"tcp {address}"
+            if not self.policy.allows(address):
+                self.audit.record("auth.refused", user=None, peer=peer,
+                                  reason="address not in ip_allowlist")
+                raise PermissionDenied(f"connections from {address} are not allowed; ask an "
+                                       "admin to add your network to ip_allowlist")
+            if not self.policy.origin_allowed(knock.origin):
+                self.audit.record("auth.refused", user=None, peer=peer,
+                                  reason="origin not allowed", origin=knock.origin)
+                raise PermissionDenied("this Origin may not connect; ask an admin to add it "
+                                       "to allowed_origins")
+        banned = self.failures.banned_for(source)
+        if banned:
+            raise RateLimited(f"too many failed logins from {source}; try again in "
+                              f"{banned:.0f} s", retry_after=banned)
+        try:
+            identity = self._who(knock, source)
+        except Unauthenticated as exc:
+            delay, ban = self.failures.failed(source)
+            self.audit.record("auth.failure", user=None, peer=peer, reason=exc.message,
+                              method="key" if knock.key else "uid")
+            if ban:
+                self.audit.record("auth.ban", user=None, peer=peer,
+                                  seconds=self.failures.ban_s)
+                log.warning("banning %s after repeated failed logins", source)
+            raise SlowedRefusal(exc, delay) from None
+        self.failures.succeeded(source)
+        if identity.via == "key" or self.limit_local:
+            self._take(self.session_buckets, identity, "session opens")
+        self.audit.record("auth.success", user=identity.user, peer=peer, role=identity.role,
+                          method=identity.via)
+        return identity
+
+    def _who(self, knock: Knock, source: str) -> Identity:
+        if knock.key:
+            user = self.registry.by_key(knock.key)
+            if user is None:
+                raise Unauthenticated("this API key is not valid (wrong or revoked); ask an "
+                                      "admin for a new one")
+            return self.identity(user.name, user.role, via="key", source=source)
+        if knock.unix is None:
+            raise Unauthenticated("this daemon needs an API key; set FETCHML_API_KEY or run "
+                                  "`fetchml init --save-key`")
+        uid = knock.unix.uid
+        if uid in (self.daemon_uid, 0):
+            return self.identity(_user_name(uid), "admin", via="uid", uid=uid, source=source)
+        mapped = self.registry.by_uid(uid)
         if mapped is None:
-            raise Unauthenticated(
-                f"local uid {creds.uid} is not mapped to a fetchml user; ask an admin to add "
-                "it to the daemon's users, or set FETCHML_API_KEY"
-            )
-        return self.identity(mapped[0], mapped[1], creds.uid)
+            raise Unauthenticated(f"local uid {uid} is not mapped to a fetchml user; ask an "
+                                  "admin to add it to the daemon's users, or set "
+                                  "FETCHML_API_KEY")
+        return self.identity(mapped.name, mapped.role, via="uid", uid=uid, source=source)
 
-    def from_key(self, key: str) -> Identity:
-        raise Unauthenticated("this API key is not valid; ask an admin for a new one")
+    def _take(self, buckets: TokenBuckets, identity: Identity, what: str) -> None:
+        wait = max(buckets.take(f"user {identity.user}"), buckets.take(identity.source))
+        if wait > 0:
+            raise RateLimited(f"too many {what}; retry in {wait:.1f} s", retry_after=wait)
+
+    # -- during a session -------------------------------------------------------------------
+    def still_valid(self, identity: Identity) -> bool:
+        """False once the user behind a session was revoked (checked at each request)."""
+        if identity.via == "uid" and identity.uid in (self.daemon_uid, 0):
+            return True
+        record = self.registry.get(identity.user)
+        return record is not None and record.active and record.role == identity.role
+
+    def charge_submit(self, identity: Identity) -> None:
+        if identity.via == "key" or self.limit_local:
+            self._take(self.submit_buckets, identity, "job submissions")
+
+
+class SlowedRefusal(Unauthenticated):
+    """An authentication failure whose answer is held back ``delay`` seconds."""
+
+    def __init__(self, inner: FetchmlError, delay: float) -> None:
+        super().__init__(inner.message, details=inner.details)
+        self.delay = delay

@@ -16,13 +16,13 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
 
 from aiohttp import web
 
 from fetchml.config import DaemonSettings, daemon_socket_path
 from fetchml.daemon.app import create_app
-from fetchml.daemon.auth import Authenticator
+from fetchml.daemon.auth import check_users, load_roles
+from fetchml.daemon.netpolicy import NetworkPolicy
 from fetchml.errors import ConfigError, Conflict, FetchmlError
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,25 @@ def bind_unix_socket(path: Path, mode: int, group: str | None) -> socket.socket:
     return sock
 
 
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    """Listen on host:port; ``::`` takes IPv4 clients too (as ::ffff:a.b.c.d), as on Linux."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
+                          "another address or port") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
@@ -142,7 +161,9 @@ def check_settings(settings: DaemonSettings) -> ssl.SSLContext | None:
                 f"refusing to listen on {settings.listen} without TLS; set tls_cert and "
                 "tls_key, or allow_insecure: true on a trusted network"
             )
-    Authenticator(settings.users, settings.roles)
+    roles = load_roles(settings.roles)
+    check_users(settings.users, roles)
+    NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies, settings.allowed_origins)
     return context
 
 
@@ -164,12 +185,12 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
             await runner.setup()
             await web.SockSite(runner, unix).start()
             if tcp:
-                site = web.TCPSite(runner, tcp[0], tcp[1], ssl_context=context)
-                await site.start()
-                server = cast(asyncio.Server | None, site._server)
-                bound = server.sockets[0].getsockname() if server and server.sockets else tcp
+                tcp_sock = bind_tcp_socket(*tcp)
+                await web.SockSite(runner, tcp_sock, ssl_context=context).start()
+                bound = tcp_sock.getsockname()
                 scheme = "wss" if context else "ws"
-                info["url"] = f"{scheme}://{tcp[0]}:{bound[1]}/ws"
+                host = f"[{tcp[0]}]" if ":" in tcp[0] else tcp[0]
+                info["url"] = f"{scheme}://{host}:{bound[1]}/ws"
                 log.info("listening on %s", info["url"])
             log.info("listening on unix socket %s", socket_path)
             _write_runtime_info(settings.state_dir, info)

@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 
 from fetchml import __version__
 from fetchml.daemon.handlers import HANDLERS, ORDERED_OPS, Call
-from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation
+from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation, RateLimited
 from fetchml.protocol import (
     CATALOGUE,
     MIN_PROTOCOL_VERSION,
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Ops whose successful calls go to the audit log (with a summary of what they did).
+AUDITED_OPS = frozenset({"jobs.submit", "jobs.cancel", "admin.prune", "admin.users.add",
+                         "admin.users.revoke", "datasets.push", "datasets.rm"})
 # How long in-flight requests may run on after the daemon is asked to stop, before they are
 # answered with "unavailable"; short, since systemd waits for us.
 SHUTDOWN_GRACE_S = 5.0
@@ -177,6 +180,17 @@ class Session:
         if request.op == "stream.cancel":
             await self._cancel_stream(request)
             return
+        if not self.core.auth.still_valid(self.identity):
+            await self.send(reply_error(request.id, "unauthenticated",
+                                        "your access was revoked; ask an admin for a new key"))
+            await self.close(CloseCode.POLICY_VIOLATION, "access revoked")
+            return
+        if request.op == "jobs.submit":
+            try:
+                self.core.auth.charge_submit(self.identity)
+            except RateLimited as exc:
+                await self.send(reply_error(request.id, exc.code, exc.message, exc.details))
+                return
         spec, handler = CATALOGUE.get(request.op), HANDLERS.get(request.op)
         if spec is None or handler is None or request.op == "hello":
             message = ("hello was already sent" if request.op == "hello" else
@@ -203,6 +217,8 @@ class Session:
         try:
             result = await self.core.handle(call)
             await self.send(reply_ok(call.request_id, result))
+            if call.op in AUDITED_OPS:
+                self.core.audit_call(call, result)
         except _StreamCancelled:
             await self.send(reply_ok(call.request_id, {"cancelled": True}))
         except FetchmlError as exc:

@@ -199,6 +199,43 @@ ADMIN_FSCK = OpSpec(
     result='{"objects", "snapshots", "problems": [{"kind", "oid", "message"}]}',
 )
 
+ADMIN_USERS_ADD = OpSpec(
+    "admin.users.add",
+    "Creates a user with a new API key; the key is in this reply and nowhere else, ever.",
+    args=(
+        Arg("name", str, "user name: lowercase letters, digits, _ . -", required=True),
+        Arg("role", str, "admin, researcher, analyst, or a role from the config", required=True),
+        Arg("uid", int, "local uid that maps to this user on the Unix socket", default=None,
+            nullable=True),
+    ),
+    result='{"name", "role", "key"}',
+)
+
+ADMIN_USERS_LIST = OpSpec(
+    "admin.users.list",
+    "Every user, from the config and added at run time (never keys or their hashes).",
+    result='{"users": [{"name", "role", "uid", "has_key", "created_at", "revoked_at", '
+    '"source"}]}',
+)
+
+ADMIN_USERS_REVOKE = OpSpec(
+    "admin.users.revoke",
+    "Revokes a user's key; their open sessions are refused at their next request.",
+    args=(Arg("name", str, "user name", required=True),),
+    result='{"name", "revoked_at"}',
+)
+
+ADMIN_AUDIT = OpSpec(
+    "admin.audit",
+    "Checks the audit log's hash chain, or returns its last entries.",
+    args=(
+        Arg("verify", bool, "check the whole chain", default=False),
+        Arg("tail", int, "how many recent entries to return", default=20,
+            check=in_range(0, 10_000)),
+    ),
+    result='{"ok", "lines", "files", "bad_file", "bad_line", "reason", "entries": [...]}',
+)
+
 CATALOGUE: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
@@ -220,6 +257,10 @@ CATALOGUE: dict[str, OpSpec] = {
         JOBS_LOGS,
         JOBS_EVENTS,
         ADMIN_FSCK,
+        ADMIN_USERS_ADD,
+        ADMIN_USERS_LIST,
+        ADMIN_USERS_REVOKE,
+        ADMIN_AUDIT,
     )
 }
 
