@@ -129,3 +129,58 @@ def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
     yield proc
     if proc.proc is not None and proc.proc.poll() is None:
         proc.stop()
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a random port, AOF on with fsync always (as deployed)."""
+
+    root: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import socket as socketlib
+
+        if self.port == 0:
+            with socketlib.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.root), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                with socketlib.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart with their own key prefixes."""
+    if shutil.which("redis-server") is None:
+        raise AssertionError("redis-server is not installed: scripts/test installs it")
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="fml-redis-", dir="/tmp"))).start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)

@@ -6,6 +6,7 @@ store and open another on the same data; ``persistent`` says whether that data s
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from fetchml.daemon.store import JobStore, MemoryJobStore, SqliteJobStore
+from fetchml.daemon.store.redis import RedisJobStore
+from tests.conftest import RedisServer
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,23 @@ def _sqlite(tmp_path: Path) -> StoreFactory:
     )
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], StoreFactory]] = {
+def _redis(tmp_path: Path, server: RedisServer) -> StoreFactory:
+    prefix = f"t{uuid.uuid4().hex[:12]}:"  # each test its own key space on the shared server
+    return StoreFactory("redis", persistent=True,
+                        make=lambda: RedisJobStore(server.url, prefix=prefix))
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., StoreFactory]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "redis": _redis,
 }
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    if request.param == "redis":
+        return _redis(tmp_path, request.getfixturevalue("redis_server"))
     return IMPLEMENTATIONS[request.param](tmp_path)
 
 

@@ -26,6 +26,10 @@ def open_job_store(settings: DaemonSettings) -> JobStore:
     """The store the settings name: the embedded SQLite database unless a Redis URL is given."""
     if settings.store in ("sqlite", ""):
         return SqliteJobStore(settings.state_dir / "jobs.db")
+    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+        from fetchml.daemon.store.redis import RedisJobStore
+
+        return RedisJobStore(settings.store)
     from fetchml.errors import ConfigError
 
     raise ConfigError(f"unknown job store {settings.store!r}; use sqlite or redis://HOST:PORT/DB")
