@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -26,6 +25,8 @@ _syncfs_looked_up = False
 def _lookup_syncfs() -> Callable[[int], int] | None:
     global _syncfs, _syncfs_looked_up
     if not _syncfs_looked_up:
+        import ctypes  # only the daemon syncs: keeps the CLI's start-up light
+
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             function = libc.syncfs
@@ -48,6 +49,8 @@ def sync_filesystem(dir_fd: int) -> None:
         os.sync()
         return
     if function(dir_fd) != 0:
+        import ctypes
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 

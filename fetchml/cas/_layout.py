@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from fetchml.cas.hashing import is_oid
+from fetchml.cas.hashing import are_oids, is_oid
 from fetchml.errors import BadRequest
 
 TEMP_PREFIX = ".tmp-"
@@ -19,6 +19,13 @@ _HEX = frozenset("0123456789abcdef")
 def check_oid(oid: str) -> None:
     if not is_oid(oid):
         raise BadRequest(f"{oid!r} is not an object id; object ids are 64 lowercase hex digits")
+
+
+def check_oids(oids: Sequence[str]) -> None:
+    """check_oid for many ids at once; the one-by-one check names the first bad one."""
+    if not are_oids(oids):
+        for oid in oids:
+            check_oid(oid)
 
 
 class StoreFile(NamedTuple):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 
 from blake3 import blake3
 
@@ -11,6 +13,7 @@ from fetchml.errors import NotFound
 
 OID_HEX_LEN = 64
 _HEX_DIGITS = frozenset("0123456789abcdef")
+_HEX_RUN = re.compile("[0-9a-f]*")
 
 # Above this size a file is hashed with blake3's thread pool; below it, starting the
 # threads costs more than they save.
@@ -24,6 +27,16 @@ READ_CHUNK_BYTES = 1 << 20
 def is_oid(s: str) -> bool:
     """True if ``s`` is a well-formed object id: 64 lowercase hex digits."""
     return isinstance(s, str) and len(s) == OID_HEX_LEN and _HEX_DIGITS.issuperset(s)
+
+
+def are_oids(items: Sequence[str]) -> bool:
+    """True if every item is an object id: one regex over them all, for long lists."""
+    try:
+        return all(len(item) == OID_HEX_LEN for item in items) and (
+            _HEX_RUN.fullmatch("".join(items)) is not None
+        )
+    except TypeError:  # something that is not a string
+        return False
 
 
 def hash_bytes(data: bytes) -> str:

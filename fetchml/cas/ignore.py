@@ -9,19 +9,21 @@ A directory holding a ``pyvenv.cfg`` (a virtualenv, whatever its name) is ignore
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pathspec import GitIgnoreSpec
-
+from fetchml.cas.ignore_spec import CACHE_FILE, CompiledSpec, SpecCompiler
 from fetchml.errors import BadRequest
 
 logger = logging.getLogger(__name__)
 
 IGNORE_FILE = ".fetchmlignore"
+PROJECT_DIR = ".fetchml"  # per-project state (caches), ignored by default
 GITIGNORE_FILE = ".gitignore"
 VENV_MARKER = "pyvenv.cfg"
 
@@ -58,57 +60,51 @@ TEMPLATE = """\
 """
 
 
-class _Spec:
-    """A compiled gitignore file with a fast path for the common "no pattern matches" case.
+class _Chain:
+    """The ignore files that apply in one directory, highest precedence first.
 
-    pathspec tries each pattern's regex in turn; one combined regex answers "does any
-    pattern match" in a single search, so unmatched paths cost one regex call.
+    Each link is (spec, how many leading characters of a root-relative path to cut so the
+    path is relative to the spec's directory). The first spec with a verdict decides.
     """
 
-    __slots__ = ("_any", "_spec")
+    __slots__ = ("_any", "_links")
 
-    def __init__(self, spec: GitIgnoreSpec) -> None:
-        self._spec = spec
-        regexes = [getattr(pattern, "regex", None) for pattern in spec.patterns]
-        sources = [
-            regex.pattern.replace("(?P<ps_d>", "(?:")
-            for regex in regexes
-            if isinstance(regex, re.Pattern)
-        ]
-        try:
-            self._any: re.Pattern[str] | None = re.compile("|".join(f"(?:{s})" for s in sources))
-        except re.error:
-            self._any = None
-        if not sources:
-            self._any = re.compile(r"(?!)")  # matches nothing
+    def __init__(self, links: tuple[tuple[CompiledSpec, int], ...]) -> None:
+        self._links = links
+        # When every spec reads root-relative paths, one combined regex answers the common
+        # "nothing matches" case in a single search.
+        self._any: re.Pattern[str] | None = None
+        if all(cut == 0 and spec.any_pattern is not None for spec, cut in links):
+            sources = [spec.any_pattern.pattern for spec, _ in links if spec.any_pattern]
+            with contextlib.suppress(re.error):
+                self._any = re.compile("|".join(f"(?:{source})" for source in sources))
 
-    def decision(self, path: str) -> bool | None:
-        """True ignored, False re-included by a negation, None when no pattern matches."""
-        if self._any is not None and self._any.search(path) is None:
-            return None
-        return self._spec.check_file(path).include
+    def verdict(self, candidate: str) -> bool:
+        """True when ``candidate`` (root-relative, '/'-terminated for a directory) is ignored."""
+        if self._any is not None and self._any.search(candidate) is None:
+            return False
+        for spec, cut in self._links:
+            decided = spec.decision(candidate[cut:] if cut else candidate)
+            if decided is not None:
+                return decided
+        return False
 
 
-def _load_spec(path: Path) -> _Spec | None:
-    """Parse one ignore file; None if it does not exist."""
+def _load(compiler: SpecCompiler, path: Path) -> CompiledSpec | None:
+    """One ignore file, compiled; None if it does not exist."""
+    lines = _read_lines(path)
+    return None if lines is None else compiler.compile(lines, str(path))
+
+
+def _read_lines(path: Path) -> list[str] | None:
+    """The lines of one ignore file; None if it does not exist."""
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except OSError as exc:
         raise BadRequest(f"cannot read {path} ({exc.strerror}); fix its permissions") from exc
-    return _compile(text.splitlines(), str(path))
-
-
-def _compile(lines: Sequence[str], source: str) -> _Spec:
-    try:
-        return _Spec(GitIgnoreSpec.from_lines(lines))
-    except (ValueError, TypeError, re.error) as exc:
-        raise BadRequest(f"{source} holds an invalid pattern ({exc}); fix that line") from exc
-
-
-def _decision(spec: _Spec | None, path: str) -> bool | None:
-    return None if spec is None else spec.decision(path)
+    return text.splitlines()
 
 
 class IgnoreRules:
@@ -122,31 +118,42 @@ class IgnoreRules:
         self,
         root: Path,
         *,
-        defaults: _Spec,
-        root_gitignore: _Spec | None,
-        fetchmlignore: _Spec | None,
-        extra: _Spec | None,
+        compiler: SpecCompiler,
+        defaults: CompiledSpec,
+        root_gitignore: CompiledSpec | None,
+        fetchmlignore: CompiledSpec | None,
+        extra: CompiledSpec | None,
     ) -> None:
         self.root = Path(root)
+        self._compiler = compiler
         self._defaults = defaults
         self._fetchmlignore = fetchmlignore
         self._extra = extra
         self._lock = threading.Lock()
         # Directory (relative, "" for the root) -> its .gitignore, parsed on first use.
-        self._gitignores: dict[str, _Spec | None] = {"": root_gitignore}
+        self._gitignores: dict[str, CompiledSpec | None] = {"": root_gitignore}
         # Directory -> whether it (or one of its ancestors) is ignored.
         self._ignored_dirs: dict[str, bool] = {"": False}
+        # Directory -> the specs that decide about its entries.
+        self._chains: dict[str, _Chain] = {}
 
     @classmethod
     def load(cls, root: Path, extra_patterns: Sequence[str] = ()) -> IgnoreRules:
         root = Path(root)
+        compiler = SpecCompiler(root / PROJECT_DIR / CACHE_FILE)
         return cls(
             root,
-            defaults=_compile(DEFAULT_PATTERNS, "the default ignore patterns"),
-            root_gitignore=_load_spec(root / GITIGNORE_FILE),
-            fetchmlignore=_load_spec(root / IGNORE_FILE),
-            extra=_compile(extra_patterns, "the ignore setting") if extra_patterns else None,
+            compiler=compiler,
+            defaults=compiler.compile(DEFAULT_PATTERNS, "the default ignore patterns"),
+            root_gitignore=_load(compiler, root / GITIGNORE_FILE),
+            fetchmlignore=_load(compiler, root / IGNORE_FILE),
+            extra=compiler.compile(extra_patterns, "the ignore setting") if extra_patterns
+            else None,
         )
+
+    def save_cache(self) -> None:
+        """Keep the translations of ignore files for the next scan (see ``ignore_spec``)."""
+        self._compiler.save()
 
     def is_ignored(self, rel_path: str, is_dir: bool) -> bool:
         """Whether ``rel_path`` (relative, '/'-separated) is left out, ancestors included."""
@@ -168,33 +175,53 @@ class IgnoreRules:
         ignored = (
             self._dir_ignored(parent)
             or self._matches(rel_dir, is_dir=True)
-            or (self.root / rel_dir / VENV_MARKER).exists()
+            # os.path.exists, not Path.exists: an unreadable directory is not a virtualenv
+            # here, and the scan reports it by name when it tries to list it.
+            or os.path.exists(self.root / rel_dir / VENV_MARKER)
         )
         with self._lock:
             self._ignored_dirs[rel_dir] = ignored
         return ignored
 
+    def file_matcher(self, rel_dir: str) -> Callable[[str], bool]:
+        """``is_ignored(path, is_dir=False)`` for files of ``rel_dir``, a directory known to be
+        kept (a scan enters only those): one lookup per directory, not one per file."""
+        chain = self._chain(rel_dir)
+        return lambda rel_path: chain.verdict(rel_path)
+
     def _matches(self, rel_path: str, *, is_dir: bool) -> bool:
         """The pattern verdict for a path whose parent directory is not ignored."""
-        candidate = rel_path + "/" if is_dir else rel_path
-        for spec in (self._extra, self._fetchmlignore):
-            verdict = _decision(spec, candidate)
-            if verdict is not None:
-                return verdict
-        # .gitignore files from the deepest enclosing directory up to the root.
-        parent = rel_path
-        while parent:
-            parent, _, _ = parent.rpartition("/")
-            spec = self._gitignore(parent)
-            verdict = _decision(spec, candidate[len(parent) + 1 :] if parent else candidate)
-            if verdict is not None:
-                return verdict
-        return _decision(self._defaults, candidate) is True
+        parent, _, _ = rel_path.rpartition("/")
+        return self._chain(parent).verdict(rel_path + "/" if is_dir else rel_path)
 
-    def _gitignore(self, rel_dir: str) -> _Spec | None:
+    def _chain(self, rel_dir: str) -> _Chain:
+        """The specs deciding about entries of ``rel_dir``, in precedence order."""
+        chain = self._chains.get(rel_dir)
+        if chain is not None:
+            return chain
+        links: list[tuple[CompiledSpec, int]] = [
+            (spec, 0) for spec in (self._extra, self._fetchmlignore) if spec is not None
+        ]
+        # .gitignore files from the deepest enclosing directory up to the root; their
+        # patterns are relative to their own directory, so the path is cut to match.
+        parent = rel_dir
+        while True:
+            spec = self._gitignore(parent)
+            if spec is not None:
+                links.append((spec, len(parent) + 1 if parent else 0))
+            if not parent:
+                break
+            parent, _, _ = parent.rpartition("/")
+        links.append((self._defaults, 0))
+        chain = _Chain(tuple(links))
+        with self._lock:
+            self._chains[rel_dir] = chain
+        return chain
+
+    def _gitignore(self, rel_dir: str) -> CompiledSpec | None:
         if rel_dir in self._gitignores:
             return self._gitignores[rel_dir]
-        spec = _load_spec(self.root / rel_dir / GITIGNORE_FILE)
+        spec = _load(self._compiler, self.root / rel_dir / GITIGNORE_FILE)
         with self._lock:
             self._gitignores[rel_dir] = spec
         return spec

@@ -28,9 +28,17 @@ from fetchml.cas._fs import (
     translate_os_error,
     write_all,
 )
-from fetchml.cas._layout import FANOUT_LEN, TEMP_PREFIX, StoreFile, check_oid, iter_store_files
+from fetchml.cas._layout import (
+    FANOUT_LEN,
+    TEMP_PREFIX,
+    StoreFile,
+    check_oid,
+    check_oids,
+    iter_store_files,
+)
 from fetchml.cas.hashing import MULTITHREAD_MIN_BYTES, Hasher, hash_bytes, hash_fd, is_oid
 from fetchml.cas.pending import PendingObject
+from fetchml.cas.presence import PresenceChecker
 from fetchml.errors import BadRequest, Conflict, FetchmlError, IntegrityError, NotFound
 
 __all__ = [
@@ -63,6 +71,7 @@ class ObjectStore:
             raise translate_os_error(exc, f"creating the object store {self.root}") from exc
         self._lock = threading.Lock()
         self._touched_dirs: set[Path] = set()
+        self._presence = PresenceChecker(os.fspath(self.root))
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.root)!r})"
@@ -80,8 +89,14 @@ class ObjectStore:
             return False
 
     def missing(self, oids: Iterable[str]) -> list[str]:
-        """The oids not in the store, in the order given, each once."""
-        return [oid for oid in dict.fromkeys(oids) if not self.contains(oid)]
+        """The oids not in the store, in the order given, each once.
+
+        Repeated checks of mostly the same objects re-read only what may have changed
+        (see ``presence``).
+        """
+        unique = list(dict.fromkeys(oids))
+        check_oids(unique)
+        return self._presence.missing(unique)
 
     def size(self, oid: str) -> int:
         try:

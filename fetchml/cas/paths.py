@@ -26,6 +26,17 @@ def path_problem(path: str) -> str | None:
         return "contains a backslash"
     if path.startswith("/"):
         return "is absolute"
+    if path.isascii() and len(path) <= MAX_PATH_BYTES:
+        # Fast path for the common case (ASCII is valid UTF-8 and NFC): only the components
+        # are left to check; any problem is worded by the full check below.
+        components = path.split("/")
+        if (
+            "" not in components
+            and "." not in components
+            and ".." not in components
+            and max(map(len, components)) <= MAX_COMPONENT_BYTES
+        ):
+            return None
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:

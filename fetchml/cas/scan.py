@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
 import time
 import unicodedata
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,31 @@ TOO_LARGE_NAMED = 5
 _HASH_ATTEMPTS = 2
 
 
+class _Sources(Mapping[str, Path]):
+    """oid -> one local file holding those bytes; paths kept as strings until asked for."""
+
+    __slots__ = ("_paths",)
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = paths
+
+    def __getitem__(self, oid: str) -> Path:
+        return Path(self._paths[oid])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, oid: object) -> bool:
+        return oid in self._paths
+
+
 @dataclass
 class ScanResult:
     manifest: SnapshotManifest
-    sources: dict[str, Path]  # oid -> one local file holding those bytes
+    sources: Mapping[str, Path]  # oid -> one local file holding those bytes
     hashed_files: int = 0
     hashed_bytes: int = 0
 
@@ -60,14 +83,16 @@ class _Walk:
     max_file_size: int
     entries: list[ManifestEntry] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
-    sources: dict[str, Path] = field(default_factory=dict)
+    # Directories with a file or link directly in them (the others may be empty).
+    holders: set[str] = field(default_factory=set)
+    sources: dict[str, str] = field(default_factory=dict)
     too_large: list[tuple[int, str]] = field(default_factory=list)
     hashed_files: int = 0
     hashed_bytes: int = 0
 
     def run(self) -> None:
         # (path in the manifest, path on disk relative to the root, absolute path on disk)
-        pending: list[tuple[str, str, Path]] = [("", "", self.root)]
+        pending: list[tuple[str, str, str]] = [("", "", os.fspath(self.root))]
         while pending:
             rel_dir, raw_dir, dir_path = pending.pop()
             try:
@@ -79,63 +104,74 @@ class _Walk:
             except OSError as exc:
                 raise BadRequest(
                     f"cannot read directory {rel_dir or '.'!r} ({exc.strerror}); "
-                    "fix its permissions or add it to .fetchmlignore"
+                    "fix its permissions or add it to .fetchmlignore",
+                    details={"path": rel_dir or "."},
                 ) from exc
-            names: dict[str, str] = {}
-            for child in children:
-                pending.extend(self._visit(rel_dir, raw_dir, dir_path, child, names))
+            self._visit_dir(rel_dir, raw_dir, children, pending)
 
-    def _visit(
+    def _visit_dir(
         self,
         rel_dir: str,
         raw_dir: str,
-        dir_path: Path,
-        child: os.DirEntry[str],
-        names: dict[str, str],
-    ) -> list[tuple[str, str, Path]]:
-        raw_rel = f"{raw_dir}/{child.name}" if raw_dir else child.name
-        try:
-            is_link = child.is_symlink()
-            is_dir = not is_link and child.is_dir(follow_symlinks=False)
-        except FileNotFoundError:
-            return []
+        children: list[os.DirEntry[str]],
+        pending: list[tuple[str, str, str]],
+    ) -> None:
         # Rules see the on-disk name: nested .gitignore and pyvenv.cfg are looked up by it.
-        if self.rules.is_ignored(raw_rel, is_dir):
-            return []
-        rel = self._checked_path(rel_dir, child.name, names)
-        if is_link:
-            self._add_link(rel, child.path)
-        elif is_dir:
-            self.dirs.append(rel)
-            return [(rel, raw_rel, dir_path / child.name)]
-        else:
-            self._add_file(rel, dir_path, child)
-        return []
+        file_ignored = self.rules.file_matcher(raw_dir)
+        raw_prefix = f"{raw_dir}/" if raw_dir else ""
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        names: dict[str, str] = {}
+        for child in children:
+            raw_rel = raw_prefix + child.name
+            try:
+                is_link = child.is_symlink()
+                is_dir = not is_link and child.is_dir(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if is_dir:
+                if self.rules.is_ignored(raw_rel, True):
+                    continue
+            elif file_ignored(raw_rel):
+                continue
+            rel = prefix + self._checked_name(rel_dir, child.name, names)
+            if is_link:
+                self._add_link(rel, rel_dir, child.path)
+            elif is_dir:
+                self.dirs.append(rel)
+                pending.append((rel, raw_rel, child.path))
+            else:
+                self._add_file(rel, rel_dir, child)
 
-    def _checked_path(self, rel_dir: str, raw_name: str, names: dict[str, str]) -> str:
-        try:
-            raw_name.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(raw_name)
-            where = f" in {rel_dir!r}" if rel_dir else ""
-            printable = shown.decode("utf-8", "backslashreplace")
-            raise BadRequest(
-                f"the file name {shown!r}{where} is not valid UTF-8; rename it or ignore it "
-                "in .fetchmlignore",
-                details={"path": f"{rel_dir}/{printable}" if rel_dir else printable},
-            ) from None
-        name = unicodedata.normalize("NFC", raw_name)
-        rel = f"{rel_dir}/{name}" if rel_dir else name
+    @staticmethod
+    def _checked_name(rel_dir: str, raw_name: str, names: dict[str, str]) -> str:
+        """The NFC form of one directory entry's name; refuses names that cannot be stored."""
+        if raw_name.isascii():
+            name = raw_name  # ASCII is valid UTF-8 and already NFC
+        else:
+            try:
+                raw_name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(raw_name)
+                where = f" in {rel_dir!r}" if rel_dir else ""
+                printable = shown.decode("utf-8", "backslashreplace")
+                raise BadRequest(
+                    f"the file name {shown!r}{where} is not valid UTF-8; rename it or ignore it "
+                    "in .fetchmlignore",
+                    details={"path": f"{rel_dir}/{printable}" if rel_dir else printable},
+                ) from None
+            name = unicodedata.normalize("NFC", raw_name)
+        # Even an ASCII name can be the NFC form of another (K is that of the Kelvin sign).
         other = names.setdefault(name, raw_name)
         if other != raw_name:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
             raise BadRequest(
                 f"{rel!r} exists twice under different Unicode normalisations; rename one of them",
                 details={"path": rel},
             )
         # Everything else about the path (backslashes, long names) is refused by the manifest.
-        return rel
+        return name
 
-    def _add_link(self, rel: str, os_path: str) -> None:
+    def _add_link(self, rel: str, rel_dir: str, os_path: str) -> None:
         try:
             target = os.readlink(os_path)
         except FileNotFoundError:
@@ -150,8 +186,9 @@ class _Walk:
             ) from None
         # Names are stored NFC, so a link must name them the same way to still resolve.
         self.entries.append(ManifestEntry.link(rel, unicodedata.normalize("NFC", target)))
+        self.holders.add(rel_dir)
 
-    def _add_file(self, rel: str, dir_path: Path, child: os.DirEntry[str]) -> None:
+    def _add_file(self, rel: str, rel_dir: str, child: os.DirEntry[str]) -> None:
         try:
             st = child.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -172,16 +209,17 @@ class _Walk:
             executable = bool(st.st_mode & stat.S_IXUSR)
             if self.cache is not None:
                 self.cache.record(rel, st, executable, oid, hashed_at_ns=hashed_at_ns)
-        if oid not in self.sources:
-            self.sources[oid] = dir_path / child.name
+        self.sources.setdefault(oid, child.path)
         self.entries.append(ManifestEntry.file(rel, oid, st.st_size, executable=executable))
+        self.holders.add(rel_dir)
 
     def _hash(self, rel: str, os_path: str) -> tuple[str, os.stat_result, int] | None:
         """(oid, stat, time before reading) of a file that held still while read; None if gone."""
         for _ in range(_HASH_ATTEMPTS):
             started_ns = time.time_ns()
             try:
-                fd = os.open(os_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                # O_NONBLOCK: a file swapped for a FIFO since the stat must not hang the scan
+                fd = os.open(os_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:
                 return None
             except OSError as exc:
@@ -229,14 +267,12 @@ class _Walk:
     def empty_dirs(self) -> list[str]:
         """Directories with nothing kept under them: the only ones a manifest lists."""
         holders: set[str] = set()
-        for path in [entry.path for entry in self.entries] + self.dirs:
-            end = path.rfind("/")
-            while end != -1:
-                parent = path[:end]
-                if parent in holders:
-                    break
-                holders.add(parent)
-                end = path.rfind("/", 0, end)
+        parents = (d.rpartition("/")[0] for d in self.dirs)
+        for directory in itertools.chain(self.holders, parents):
+            # A directory holding something makes every ancestor a holder too.
+            while directory and directory not in holders:
+                holders.add(directory)
+                directory = directory.rpartition("/")[0]
         return [d for d in self.dirs if d not in holders]
 
 
@@ -261,4 +297,4 @@ def scan_tree(
     manifest = SnapshotManifest(walk.entries)
     if cache is not None:
         cache.retain({entry.path for entry in walk.entries if entry.kind == "file"})
-    return ScanResult(manifest, walk.sources, walk.hashed_files, walk.hashed_bytes)
+    return ScanResult(manifest, _Sources(walk.sources), walk.hashed_files, walk.hashed_bytes)

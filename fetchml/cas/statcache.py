@@ -11,12 +11,10 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
-
-from fetchml.cas.hashing import is_oid
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +26,9 @@ CACHE_VERSION = 1
 TIMESTAMP_GRANULARITY_NS = 2_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class CachedStat:
+class CachedStat(NamedTuple):
+    """What a file looked like when it was hashed. A tuple: cheap to build by the thousand."""
+
     size: int
     mtime_ns: int
     ctime_ns: int
@@ -56,6 +55,8 @@ class StatCache:
     def __init__(self, path: Path, entries: dict[str, CachedStat] | None = None) -> None:
         self.path = Path(path)
         self._entries: dict[str, CachedStat] = dict(entries or {})
+        # Whether the entries differ from the file: an unchanged cache is not rewritten.
+        self._dirty = True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,7 +77,11 @@ class StatCache:
         except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as exc:
             logger.warning("ignoring the corrupt stat cache %s: %s", path, exc)
             return cls(path)
-        return cls(path, entries)
+        cache = cls(path, entries)
+        # Rows distrusted as racily clean are left out of ``entries``; keeping the file as it
+        # is only keeps distrusting them, which is safe.
+        cache._dirty = False
+        return cache
 
     def lookup(self, rel_path: str, st: os.stat_result, executable: bool) -> str | None:
         """The cached oid if the file's stat is exactly as recorded, else None."""
@@ -96,18 +101,29 @@ class StatCache:
     ) -> None:
         """Remember a digest read at or after ``hashed_at_ns``; racily-clean ones are dropped."""
         if st.st_mtime_ns >= hashed_at_ns - TIMESTAMP_GRANULARITY_NS:
-            self._entries.pop(rel_path, None)
+            if self._entries.pop(rel_path, None) is not None:
+                self._dirty = True
             return
-        self._entries[rel_path] = CachedStat(
-            st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, executable, oid
-        )
+        entry = CachedStat(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, executable, oid)
+        if self._entries.get(rel_path) != entry:
+            self._entries[rel_path] = entry
+            self._dirty = True
 
     def retain(self, rel_paths: set[str]) -> None:
         """Forget every path not in ``rel_paths`` (files deleted or newly ignored)."""
-        self._entries = {p: e for p, e in self._entries.items() if p in rel_paths}
+        stale = self._entries.keys() - rel_paths
+        if stale:
+            for rel_path in stale:
+                del self._entries[rel_path]
+            self._dirty = True
 
     def save(self) -> None:
-        """Write the cache atomically (temp file + rename); failures only cost a re-hash later."""
+        """Write the cache atomically (temp file + rename); failures only cost a re-hash later.
+
+        Does nothing when no entry changed since the cache was loaded or last saved.
+        """
+        if not self._dirty:
+            return
         written_ns = time.time_ns()
         rows = [
             [p, e.size, e.mtime_ns, e.ctime_ns, e.inode, e.executable, bytes.fromhex(e.oid)]
@@ -126,19 +142,22 @@ class StatCache:
         except OSError as exc:
             temp.unlink(missing_ok=True)
             logger.warning("could not save the stat cache %s: %s", self.path, exc.strerror)
+            return
+        self._dirty = False
 
 
 def _decode(data: bytes) -> dict[str, CachedStat]:
-    version, written_ns, rows = msgpack.unpackb(data, raw=False, use_list=True)
+    version, written_ns, rows = msgpack.unpackb(data, raw=False, use_list=False)
     if version != CACHE_VERSION or not isinstance(written_ns, int):
         raise ValueError(f"unknown stat cache version {version!r}")
     # Anything modified within the granularity of the save is racily clean: distrust it.
     trusted_before = written_ns - TIMESTAMP_GRANULARITY_NS
     entries: dict[str, CachedStat] = {}
     for path, size, mtime_ns, ctime_ns, inode, executable, digest in rows:
-        oid = digest.hex()
-        if not isinstance(path, str) or not is_oid(oid):
+        if not isinstance(path, str) or not isinstance(digest, bytes) or len(digest) != 32:
             raise ValueError(f"bad stat cache row for {path!r}")
         if mtime_ns < trusted_before:
-            entries[path] = CachedStat(size, mtime_ns, ctime_ns, inode, bool(executable), oid)
+            entries[path] = CachedStat(
+                size, mtime_ns, ctime_ns, inode, bool(executable), digest.hex()
+            )
     return entries

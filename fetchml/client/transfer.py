@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fetchml.cas.gc_pause import gc_paused
 from fetchml.cas.hashing import Hasher
 from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import SnapshotManifest
-from fetchml.cas.materialize import materialize
 from fetchml.cas.scan import ScanResult, StatCache, scan_tree
 from fetchml.client.connection import Connection, Pending
 from fetchml.errors import BadRequest, IntegrityError
@@ -42,19 +42,39 @@ class SyncReport:
 
 
 def scan_project(root: Path, *, max_file_size: int, extra_ignores: tuple[str, ...] = ()
-                 ) -> ScanResult:
-    """Scan with the project's ignore rules and stat cache (saved afterwards)."""
-    rules = IgnoreRules.load(root, extra_ignores)
-    cache = StatCache.load(root)
-    result = scan_tree(root, rules=rules, cache=cache, max_file_size=max_file_size)
-    cache.save()
-    return result
+                 ) -> tuple[ScanResult, bool]:
+    """Scan with the project's ignore rules and stat cache (saved afterwards).
+
+    Returns the result and whether the project was scanned before (its cache had entries).
+    """
+    with gc_paused():
+        rules = IgnoreRules.load(root, extra_ignores)
+        cache = StatCache.load(root)
+        scanned_before = len(cache) > 0
+        result = scan_tree(root, rules=rules, cache=cache, max_file_size=max_file_size)
+        cache.save()
+        rules.save_cache()
+    return result, scanned_before
 
 
 def find_missing(conn: Connection, oids: list[str]) -> list[str]:
     pending = [conn.send("cas.missing", {"oids": oids[i:i + MISSING_BATCH]})
                for i in range(0, len(oids), MISSING_BATCH)]
     return [oid for p in pending for oid in p.result()["missing"]]
+
+
+def offer_snapshot(conn: Connection, encoded: bytes, sizes: Mapping[str, int]
+                   ) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """snapshot.put before any upload: (its result, None) when the daemon has every object,
+    else (None, the objects it lacks), or (None, None) when it did not list them all."""
+    try:
+        return conn.call("snapshot.put", {"manifest": encoded}), None
+    except IntegrityError as exc:
+        listed, count = exc.details.get("missing"), exc.details.get("missing_count")
+        if (isinstance(listed, list) and count == len(listed)
+                and all(isinstance(oid, str) and oid in sizes for oid in listed)):
+            return None, listed
+        return None, None
 
 
 def _chunks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
@@ -73,7 +93,7 @@ def _chunks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
             raise BadRequest(f"{path} changed while it was being synced; run the sync again")
 
 
-def upload(conn: Connection, missing: list[str], sources: dict[str, Path],
+def upload(conn: Connection, missing: list[str], sources: Mapping[str, Path],
            sizes: dict[str, int], progress: Progress | None = None) -> int:
     """Send the missing objects in pipelined cas.put batches; returns bytes sent."""
     total = sum(sizes[oid] for oid in missing)
@@ -115,16 +135,30 @@ def _settle(pending: Pending) -> None:
 
 def sync_tree(conn: Connection, root: Path, *, max_file_size: int, dry_run: bool = False,
               progress: Progress | None = None) -> SyncReport:
-    """Snapshot ``root``, upload only what the daemon lacks, and record the snapshot."""
-    scan = scan_project(root, max_file_size=max_file_size)
+    """Snapshot ``root``, upload only what the daemon lacks, and record the snapshot.
+
+    A project synced before usually changed little, so its manifest is offered first: the
+    daemon either stores it at once or names the objects it lacks, which saves asking about
+    every object. The daemon checks every object before it stores a manifest, so nothing it
+    needs is ever skipped.
+    """
+    scan, scanned_before = scan_project(root, max_file_size=max_file_size)
     manifest = scan.manifest
     sizes = {e.oid: e.size for e in manifest.entries if e.oid is not None}
-    missing = find_missing(conn, sorted(sizes))
     if dry_run:
+        missing = find_missing(conn, sorted(sizes))
         return SyncReport(manifest.snapshot_id, manifest.file_count, manifest.total_bytes,
                           len(missing), sum(sizes[o] for o in missing), scan.hashed_files)
+    encoded = manifest.encode()
+    listed: list[str] | None = None
+    if scanned_before:
+        result, listed = offer_snapshot(conn, encoded, sizes)
+        if result is not None:
+            return SyncReport(result["snapshot"], manifest.file_count, manifest.total_bytes,
+                              0, 0, scan.hashed_files)
+    missing = listed if listed is not None else find_missing(conn, sorted(sizes))
     sent = upload(conn, missing, scan.sources, sizes, progress)
-    result = conn.call("snapshot.put", {"manifest": manifest.encode()})
+    result = conn.call("snapshot.put", {"manifest": encoded})
     return SyncReport(result["snapshot"], manifest.file_count, manifest.total_bytes,
                       len(missing), sent, scan.hashed_files)
 
@@ -160,6 +194,8 @@ class RemoteObjects:
 
 def download_snapshot(conn: Connection, snapshot: str, dest: Path) -> SnapshotManifest:
     """Materialise a stored snapshot into ``dest`` (which must not exist or be empty)."""
+    from fetchml.cas.materialize import materialize  # only pulls need it: keeps sync start-up light
+
     reply = conn.call("snapshot.get", {"snapshot": snapshot})
     manifest = SnapshotManifest.decode(reply["manifest"])
     sizes = {e.oid: e.size for e in manifest.entries if e.oid is not None}

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from fetchml.cas.hashing import is_oid
-from fetchml.cas.manifest import SnapshotManifest
+from fetchml.cas import gc
+from fetchml.cas.gc_pause import gc_paused
+from fetchml.cas.hashing import hash_bytes, is_oid
+from fetchml.cas.manifest import ManifestSummary, SnapshotManifest, summarize_validated
 from fetchml.cas.objects import ObjectStore, PendingObject
 from fetchml.daemon.handlers import Call, handles
 from fetchml.errors import BadRequest, IntegrityError, TooLarge
 from fetchml.protocol import CHUNK_BYTES
 
 UPLOADS_KEY = "cas.uploads"
+# Session state: the manifest this connection last sent and was refused for missing objects.
+VALIDATED_KEY = "cas.validated"
+# How many missing oids a refused snapshot.put lists (a client uploads exactly those).
+MISSING_LISTED = 10_000
 # Upper bound on a single object; a sync refuses bigger files long before this.
 MAX_OBJECT_BYTES = 1 << 40
 
@@ -86,9 +93,14 @@ def _uploads(call: Call) -> dict[str, PendingObject]:
 @handles("cas.missing")
 async def cas_missing(call: Call) -> dict[str, Any]:
     call.require("cas:write")
-    oids: list[str] = call.args["oids"]
-    _check_oids(oids)
-    return {"missing": await asyncio.to_thread(call.core.objects.missing, oids)}
+    oids: list[str] = call.args["oids"]  # ObjectStore.missing refuses malformed ids
+    # Under the collector's lock: what is reported present is protected before a collection
+    # can delete it, since the client will not upload it.
+    async with call.core.gc_guard():
+        missing = await asyncio.to_thread(call.core.objects.missing, oids)
+        absent = set(missing)
+        call.core.gc.protect_objects(oid for oid in oids if oid not in absent)
+    return {"missing": missing}
 
 
 @handles("cas.put")
@@ -100,6 +112,7 @@ async def cas_put(call: Call) -> dict[str, Any]:
         raise TooLarge(f"cas.put carries {total} bytes of data; send at most {CHUNK_BYTES} "
                        "per request")
     stored = await asyncio.to_thread(_store_blobs, call.core.objects, _uploads(call), blobs)
+    call.core.gc.protect_objects(stored)  # some were stored already, and may be old
     call.core.count_upload(len(stored), total)
     return {"stored": stored}
 
@@ -122,35 +135,73 @@ async def cas_get(call: Call) -> dict[str, Any]:
     return {"oid": oid, "size": size}
 
 
-def _put_snapshot(call: Call, data: bytes) -> dict[str, Any]:
-    manifest = SnapshotManifest.decode(data)
-    objects, snapshots = call.core.objects, call.core.snapshots
-    missing = objects.missing(sorted(manifest.oids()))
+@dataclass(frozen=True)
+class _PutOutcome:
+    snapshot: str
+    summary: ManifestSummary
+    missing: list[str]
+
+
+def _summary(call: Call, data: bytes, snapshot: str) -> tuple[ManifestSummary, bool]:
+    """(summary of the manifest, whether it is stored already), validating it at most once."""
+    if call.core.snapshots.contains(snapshot):
+        # The same digest means the same bytes, and those were validated when first stored.
+        return summarize_validated(data), True
+    validated: dict[str, ManifestSummary] = call.session.state.setdefault(VALIDATED_KEY, {})
+    summary = validated.get(snapshot)
+    if summary is None:
+        with gc_paused():
+            summary = SnapshotManifest.decode(data).summary()
+        # A client retries the same manifest once it has uploaded what was missing.
+        validated.clear()
+        validated[snapshot] = summary
+    return summary, False
+
+
+def _put_snapshot(call: Call, data: bytes) -> _PutOutcome:
+    snapshot = hash_bytes(data)
+    summary, stored = _summary(call, data, snapshot)
+    objects = call.core.objects
+    missing = objects.missing(summary.oids)
     if missing:
-        raise IntegrityError(
-            f"{len(missing)} objects of this snapshot are not stored (first {missing[0][:12]}); "
-            "upload them before the manifest, or run the sync again",
-            details={"missing": missing[:1000]},
-        )
+        return _PutOutcome(snapshot, summary, missing)
     objects.flush()  # every object the manifest names is durable before the manifest exists
-    snapshot = manifest.snapshot_id
-    if not snapshots.contains(snapshot):
-        snapshots.put_bytes(manifest.encode())
-    return {"snapshot": snapshot, "files": manifest.file_count, "bytes": manifest.total_bytes}
+    if stored:
+        gc.touch(call.core.snapshots, snapshot)  # used again: young for one more grace period
+    else:
+        call.core.snapshots.put_bytes(data)
+        call.session.state.get(VALIDATED_KEY, {}).pop(snapshot, None)
+    return _PutOutcome(snapshot, summary, [])
 
 
 @handles("snapshot.put")
 async def snapshot_put(call: Call) -> dict[str, Any]:
     call.require("cas:write")
     async with call.core.gc_guard():
-        return await asyncio.to_thread(_put_snapshot, call, call.args["manifest"])
+        outcome = await asyncio.to_thread(_put_snapshot, call, call.args["manifest"])
+        missing = outcome.missing
+        if missing:
+            absent = set(missing)
+            # The client uploads only what is listed and relies on the rest staying.
+            call.core.gc.protect_objects(o for o in outcome.summary.oids if o not in absent)
+        else:
+            call.core.gc.protect_snapshot(outcome.snapshot, outcome.summary.oids)
+    if missing:
+        raise IntegrityError(
+            f"{len(missing)} objects of this snapshot are not stored (first {missing[0][:12]}); "
+            "upload them before the manifest, or run the sync again",
+            details={"missing": missing[:MISSING_LISTED], "missing_count": len(missing)},
+        )
+    summary = outcome.summary
+    return {"snapshot": outcome.snapshot, "files": summary.files, "bytes": summary.bytes}
 
 
 @handles("snapshot.get")
 async def snapshot_get(call: Call) -> dict[str, Any]:
     call.require("cas:read")
     snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
-    data = await asyncio.to_thread(call.core.snapshots.read_bytes, snapshot)
-    manifest = SnapshotManifest.decode(data)
-    return {"snapshot": snapshot, "manifest": data, "files": manifest.file_count,
-            "bytes": manifest.total_bytes}
+    call.core.gc.protect_snapshot(snapshot)  # the client may be about to use it
+    data = await asyncio.to_thread(call.core.snapshots.read_bytes, snapshot)  # verified
+    summary = await asyncio.to_thread(summarize_validated, data)
+    return {"snapshot": snapshot, "manifest": data, "files": summary.files,
+            "bytes": summary.bytes}
