@@ -38,6 +38,8 @@ def elapsed(job: dict[str, Any], now: float | None = None) -> str:
     now = now or time.time()
     if job.get("started_at"):
         return _duration((job.get("finished_at") or now) - job["started_at"])
+    if job.get("finished_at"):
+        return "-"  # ended without running (cancelled while it waited)
     return "waiting " + _duration(now - job["created_at"])
 
 

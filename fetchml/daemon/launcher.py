@@ -27,6 +27,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import sys
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 LAUNCHER_MODULE = "fetchml.daemon.launcher"
 REQUEST_TIMEOUT = 30.0  # seconds for one answer; a fork takes milliseconds even under load
 CLOSE_TIMEOUT = 5.0  # seconds for the launcher to exit after its stdin closed
+WARM_UP_AFTER = 0.05  # seconds a spare waits for work before it warms up
 # Where `fetchml` is importable from, so the launcher finds it whatever the daemon's cwd.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -196,7 +198,12 @@ def _become_supervisor(run_dir_pipe: int) -> NoReturn:
         root = logging.getLogger()
         for handler in root.handlers[:]:
             root.removeHandler(handler)
-        warm_up()
+        # With idle CPUs, warm up at once: it then costs the next launch nothing. On a busy
+        # host, only when no work comes soon: in a burst of launches the warm-up would add its
+        # own cost (it saves less than it spends) to CPUs the running jobs need.
+        idle = os.getloadavg()[0] < (os.cpu_count() or 1) - 1
+        if idle or not select.select([run_dir_pipe], [], [], WARM_UP_AFTER)[0]:
+            warm_up()
         run_dir = read_to_end(run_dir_pipe).decode()
         if run_dir:  # else the launcher exited without work for us
             # delay=True: a supervisor with nothing to say leaves no file behind.

@@ -5,18 +5,27 @@ job's cwd), ``outputs/`` ($FETCHML_OUTPUT_DIR, stored as a snapshot when the job
 ``output.log``, and the supervisor's files (spec.json, supervisor.json, status.json). The job
 runs under a per-job supervisor in its own session, so it outlives the daemon; the daemon only
 watches the supervisor's pid and reads status.json when it is gone.
+
+Restarting after a crash, each attempt the store says runs here is in one of these states:
+ended (status.json: record it), running (a live supervisor: watch it again), never launched
+(no spec.json, or nobody took it within a grace period: launch it now, same attempt), or gone
+(its supervisor died without a status: lost, or retried when attempts are left).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import SnapshotManifest
@@ -25,9 +34,9 @@ from fetchml.cas.objects import ObjectStore
 from fetchml.cas.scan import scan_tree
 from fetchml.daemon.launcher import SupervisorLauncher
 from fetchml.daemon.processes import (
+    SPEC_FILE,
     RunSpec,
     RunStatus,
-    SupervisorInfo,
     kill_orphaned_job,
     process_matches,
     read_status,
@@ -38,11 +47,10 @@ from fetchml.daemon.processes import (
 )
 from fetchml.daemon.resources import HostInventory
 from fetchml.daemon.store.base import AttemptResult, Job, JobState, JobStore
-from fetchml.errors import Conflict, FetchmlError
+from fetchml.errors import Conflict, FetchmlError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-LAUNCH_FILE = "launch.json"  # the supervisor's pid, written by the daemon right after launch
 # Variables of the daemon's own environment that never reach a job.
 PRIVATE_ENV_PREFIXES = ("FETCHML_",)
 PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
@@ -50,6 +58,13 @@ PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LIST
                          "NVIDIA_VISIBLE_DEVICES", "INVOCATION_ID", "JOURNAL_STREAM"})
 # Outputs may be large checkpoints: they are never refused for size.
 OUTPUT_MAX_FILE = 1 << 50
+# After a crash, how long an attempt with a spec but no supervisor may take to show one: a
+# supervisor handed its run directory locks spec.json within milliseconds.
+ADOPT_GRACE_S = 2.0
+ADOPT_POLL_S = 0.02
+# Tries to record a result while the job database is unavailable (locked, disk full).
+RECORD_TRIES, RECORD_RETRY_S = 5, 1.0
+MANIFEST_CACHE = 64  # snapshots kept decoded: sweeps reuse one
 
 
 def base_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -66,11 +81,12 @@ class Attempt:
     create_time: float
 
 
-def _result_from_status(job: Job, status: RunStatus, outputs: str | None) -> AttemptResult:
+def result_from_status(job: Job, status: RunStatus, outputs: str | None) -> AttemptResult:
+    """How the supervisor's status.json reads as an attempt's result."""
     common = {"exit_code": status.exit_code, "signal": status.signal,
               "peak_rss": status.peak_rss, "cpu_time": status.cpu_time, "outputs": outputs}
-    if status.reason == "cancelled":
-        return AttemptResult(JobState.CANCELLED, **common, reason=job.reason)  # type: ignore[arg-type]
+    if status.reason == "cancelled":  # the store keeps the reason given with the cancel
+        return AttemptResult(JobState.CANCELLED, **common)  # type: ignore[arg-type]
     if status.reason == "timeout":
         reason = f"timed out after {job.timeout:g} s"
         return AttemptResult(JobState.FAILED, **common, reason=reason)  # type: ignore[arg-type]
@@ -82,8 +98,38 @@ def _result_from_status(job: Job, status: RunStatus, outputs: str | None) -> Att
     return AttemptResult(JobState.FAILED, **common)  # type: ignore[arg-type]
 
 
+def lock_holder(path: Path) -> int | None:
+    """The pid holding a flock on ``path`` (the supervisor locks its spec.json), or None."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii") as locks:
+            lines = locks.readlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+            pid = int(fields[4]) if fields[4].isdigit() else 0
+            if pid > 0:
+                return pid
+    return None
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return True
+
+
 class Runner:
-    """Starts attempts the scheduler claimed, watches them, and records how they end."""
+    """Starts attempts the scheduler claimed, watches them, and records how they end.
+
+    ``on_change(job)`` is called with every change it makes to a job (once durable);
+    ``on_end(job_id)`` as soon as an attempt's processes are gone, so their resources are free.
+    """
 
     def __init__(self, *, state_dir: Path, host: str, store: JobStore, objects: ObjectStore,
                  snapshots: ObjectStore, inventory: HostInventory, kill_grace: float,
@@ -97,7 +143,8 @@ class Runner:
         self._on_change, self._on_end = on_change, on_end
         self.launcher = SupervisorLauncher()
         self.attempts: dict[int, Attempt] = {}
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._starting: dict[int, bool] = {}  # job id -> whether a cancel came meanwhile
+        self._tasks: set[asyncio.Task[None]] = set()
         self._manifests: dict[str, SnapshotManifest] = {}
 
     async def open(self) -> None:
@@ -106,20 +153,25 @@ class Runner:
 
     async def close(self) -> None:
         """Stop watching; the jobs themselves keep running and are re-adopted on start."""
-        for task in list(self._watchers):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.launcher.close()
 
     def run_dir(self, job_id: int, attempt: int) -> Path:
         return self.runs_dir / str(job_id) / str(attempt)
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- starting ---------------------------------------------------------------------------
     def _manifest(self, snapshot: str) -> SnapshotManifest:
         manifest = self._manifests.get(snapshot)
         if manifest is None:
             manifest = SnapshotManifest.decode(self.snapshots.read_bytes(snapshot))
-            if len(self._manifests) > 64:  # a small cache: sweeps reuse one snapshot
+            if len(self._manifests) >= MANIFEST_CACHE:
                 self._manifests.clear()
             self._manifests[snapshot] = manifest
         return manifest
@@ -128,7 +180,10 @@ class Runner:
         env = dict(self.base_env)
         env.update(job.env)
         gpus = [g for g in self.inventory.gpus if g.index in job.gpu_ids]
-        visible = ",".join(g.uuid if g.uuid else str(g.index) for g in gpus)
+        # UUIDs, not indices, for real GPUs: CUDA's own device order can differ from
+        # nvidia-smi's. GPUs declared through FETCHML_GPUS have no UUID CUDA would know.
+        visible = ",".join(g.uuid if g.uuid.startswith(("GPU-", "MIG-")) else str(g.index)
+                           for g in gpus)
         env.update({
             "FETCHML_JOB_ID": str(job.id),
             "FETCHML_ATTEMPT": str(job.attempt),
@@ -136,7 +191,6 @@ class Runner:
             "FETCHML_OUTPUT_DIR": str(run_dir / "outputs"),
             "FETCHML_RUN_DIR": str(run_dir),
             "FETCHML_GPU_IDS": ",".join(str(g) for g in job.gpu_ids),
-            # UUIDs, not indices: CUDA's own device order can differ from nvidia-smi's.
             "CUDA_VISIBLE_DEVICES": visible,
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "NVIDIA_VISIBLE_DEVICES": visible or "none",
@@ -145,38 +199,67 @@ class Runner:
 
     def _prepare(self, job: Job, run_dir: Path) -> None:
         """Materialise the snapshot and write the supervisor's spec (blocking)."""
+        manifest = self._manifest(job.snapshot)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a half-prepared attempt from before a crash
-        run_dir.mkdir(parents=True, mode=0o700)
-        (run_dir / "outputs").mkdir()
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(run_dir.parent, 0o700)
+        os.mkdir(run_dir, 0o700)
+        os.mkdir(run_dir / "outputs")
         work = run_dir / "work"
-        materialize(self._manifest(job.snapshot), self.objects, work)
+        materialize(manifest, self.objects, work)
         cwd = work / job.workdir if job.workdir else work
-        if not cwd.is_dir() or cwd.is_symlink():
-            raise FetchmlError(f"workdir {job.workdir!r} is not a directory of the snapshot")
+        if job.workdir and (not cwd.is_dir() or cwd.is_symlink()):
+            raise FetchmlError(f"workdir {job.workdir!r} is not a directory of the snapshot; "
+                               "queue the job with a --workdir that exists")
         spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir),
                        cwd=str(cwd), timeout=job.timeout, kill_grace=self.kill_grace)
-        write_json_atomic(run_dir / "spec.json", spec.to_dict())
+        write_json_atomic(run_dir / SPEC_FILE, spec.to_dict())
 
-    async def start(self, job: Job) -> None:
+    async def start(self, job: Job, claimed: Awaitable[Job | None] | None = None) -> None:
+        """Start attempt ``job.attempt`` of ``job``; never raises (a failure is recorded).
+
+        With ``claimed``, ``job`` is what the job will be once a claim being committed now
+        succeeds: the workspace is prepared meanwhile, and the attempt launched only if the
+        claim comes back (as the job it returns); otherwise the workspace is removed.
+        """
         run_dir = self.run_dir(job.id, job.attempt)
+        self._starting[job.id] = False
+        failure: str | None = None
         try:
-            await asyncio.to_thread(self._prepare, job, run_dir)
-            handle = await self.launcher.launch(run_dir)
-        except FetchmlError as exc:
-            log.warning("job %d attempt %d could not start: %s", job.id, job.attempt, exc)
+            try:
+                await asyncio.to_thread(self._prepare, job, run_dir)
+            except (FetchmlError, OSError) as exc:
+                failure = exc.message if isinstance(exc, FetchmlError) else str(exc)
+            except Exception:
+                log.exception("job %d attempt %d could not be prepared", job.id, job.attempt)
+                failure = "the daemon failed to prepare it; see its log"
+            if claimed is not None:
+                confirmed = await claimed
+                if confirmed is None or confirmed.attempt != job.attempt:
+                    await asyncio.to_thread(shutil.rmtree, run_dir, True)
+                    return
+                job = confirmed
+            if failure is None:
+                try:
+                    handle = await self.launcher.launch(run_dir)
+                except FetchmlError as exc:
+                    failure = exc.message
+        finally:
+            cancelled = self._starting.pop(job.id, False)
+        if failure is not None:
+            log.warning("job %d attempt %d could not start: %s", job.id, job.attempt, failure)
+            self._ended(job.id)
             await self._record(job, AttemptResult(JobState.FAILED,
-                                                  reason=f"could not start: {exc.message}"))
+                                                  reason=f"could not start: {failure}"))
             return
-        await asyncio.to_thread(write_json_atomic, run_dir / LAUNCH_FILE,
-                                {"pid": handle.pid, "create_time": handle.create_time})
         self._watch(Attempt(job, run_dir, handle.pid, handle.create_time))
+        if cancelled:
+            self.cancel(job.id)
 
     def _watch(self, attempt: Attempt) -> None:
         self.attempts[attempt.job.id] = attempt
-        task = asyncio.create_task(self._follow(attempt), name=f"job-{attempt.job.id}")
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._spawn(self._follow(attempt), f"job-{attempt.job.id}")
 
     async def _follow(self, attempt: Attempt) -> None:
         await wait_process_exit(attempt.pid, attempt.create_time)
@@ -185,95 +268,151 @@ class Runner:
     # -- ending -----------------------------------------------------------------------------
     def _ingest_outputs(self, outputs: Path) -> str | None:
         """Store the outputs directory as a snapshot; None when the job wrote nothing."""
-        if not outputs.is_dir() or not any(outputs.iterdir()):
+        if not outputs.is_dir() or _is_empty_dir(outputs):
             return None
         scan = scan_tree(outputs, rules=IgnoreRules.load(outputs), cache=None,
                          max_file_size=OUTPUT_MAX_FILE)
         stored = dict(self.objects.put_files(scan.sources.values()))
         if set(stored) != set(scan.sources):
-            raise FetchmlError("outputs changed while they were being stored")
+            raise FetchmlError("outputs changed while they were being stored; the job's "
+                               "processes must stop writing them before they exit")
         manifest = scan.manifest
         if not self.snapshots.contains(manifest.snapshot_id):
             self.snapshots.put_bytes(manifest.encode())
         return manifest.snapshot_id
 
     async def _conclude(self, job: Job, run_dir: Path) -> None:
-        status = await asyncio.to_thread(read_status, run_dir)
+        """Record how the attempt ended; its supervisor is gone."""
+        status = read_status(run_dir)
         if status is None:
             await self._lost(job, run_dir, "its supervisor vanished without a status")
             return
-        try:
-            outputs = await asyncio.to_thread(self._ingest_outputs, run_dir / "outputs")
-        except FetchmlError as exc:
-            log.warning("job %d: outputs not stored: %s", job.id, exc)
-            outputs = None
-        current = await self.store.get(job.id)
-        await self._record(current or job, _result_from_status(current or job, status, outputs))
+        self._ended(job.id)  # the tree is gone (status.json is written last): free its share
+        # One turn of the loop lets the woken scheduler queue its claim of the next job before
+        # this result: the claim is what a waiting job's start hangs on, and both then go to
+        # the store together, in one commit.
+        await asyncio.sleep(0)
+        outputs = None
+        if not _is_empty_dir(run_dir / "outputs"):
+            try:
+                outputs = await asyncio.to_thread(self._ingest_outputs, run_dir / "outputs")
+            except (FetchmlError, OSError) as exc:
+                log.warning("job %d: outputs not stored: %s", job.id, exc)
+        # finished when its processes ended, not when the daemon got round to recording it
+        await self._record(job, result_from_status(job, status, outputs), status.finished_at)
 
     async def _lost(self, job: Job, run_dir: Path, why: str) -> None:
-        info = await asyncio.to_thread(read_supervisor_info, run_dir)
+        info = read_supervisor_info(run_dir)
         if info is not None and await asyncio.to_thread(kill_orphaned_job, info):
             log.warning("job %d: killed its orphaned process group", job.id)
         log.warning("job %d attempt %d: %s", job.id, job.attempt, why)
-        try:
-            updated = await self.store.mark_lost_or_retry(job.id, job.attempt, why, time.time())
-        except Conflict:
-            updated = None
-        self._finished(job.id, updated)
+        self._ended(job.id)
+        await self._record(job, AttemptResult(JobState.LOST, reason=why))
 
-    async def _record(self, job: Job, result: AttemptResult) -> None:
-        try:
-            updated = await self.store.finish(job.id, job.attempt, result, time.time())
-        except Conflict as exc:  # fencing: this attempt no longer holds the job
-            log.warning("job %d: result of attempt %d rejected: %s", job.id, job.attempt, exc)
-            updated = None
-        self._finished(job.id, updated)
-
-    def _finished(self, job_id: int, updated: Job | None) -> None:
-        self.attempts.pop(job_id, None)
+    async def _record(self, job: Job, result: AttemptResult, ended: float | None = None) -> None:
+        """Store ``result`` for the attempt ``job`` holds (fenced by its attempt number)."""
+        updated = None
+        for tries_left in range(RECORD_TRIES - 1, -1, -1):
+            try:
+                updated = await self.store.finish(job.id, job.attempt, result,
+                                                  time.time() if ended is None else ended)
+            except (Conflict, NotFound) as exc:  # fencing: this attempt no longer holds it
+                log.warning("job %d: result of attempt %d rejected: %s", job.id, job.attempt,
+                            exc)
+            except Unavailable as exc:
+                if tries_left:
+                    log.warning("job %d: result not stored yet (%s); retrying", job.id, exc)
+                    await asyncio.sleep(RECORD_RETRY_S)
+                    continue
+                log.error("job %d: result of attempt %d lost: %s", job.id, job.attempt, exc)
+            break
         if updated is not None:
             self._on_change(updated)
+
+    def _ended(self, job_id: int) -> None:
+        self.attempts.pop(job_id, None)
         self._on_end(job_id)
 
     # -- cancel and adoption ----------------------------------------------------------------
     def cancel(self, job_id: int) -> bool:
         """Ask the supervisor of a running attempt to stop it (TERM, grace, KILL)."""
+        if job_id in self._starting:
+            self._starting[job_id] = True  # signalled as soon as its supervisor exists
+            return True
         attempt = self.attempts.get(job_id)
         if attempt is None:
             return False
         return signal_supervisor(attempt.pid, attempt.create_time, signal.SIGTERM)
 
     def _supervisor_of(self, run_dir: Path) -> tuple[int, float] | None:
-        info: SupervisorInfo | None = read_supervisor_info(run_dir)
+        info = read_supervisor_info(run_dir)
         if info is not None:
             return info.pid, info.create_time
-        try:
-            import json
-
-            launch = json.loads((run_dir / LAUNCH_FILE).read_text())
-            return int(launch["pid"]), float(launch["create_time"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        # Before it writes supervisor.json, a supervisor is the one holding spec.json locked.
+        holder = lock_holder(run_dir / SPEC_FILE)
+        if holder is not None:
+            try:
+                return holder, psutil.Process(holder).create_time()
+            except psutil.Error:
+                return None
+        return None
 
     async def adopt(self) -> list[Job]:
-        """Take over the attempts this host was running before a restart; returns them."""
-        adopted = []
+        """Take over the attempts this host was running before a restart.
+
+        Returns the jobs whose attempts still hold resources here (watched again, or being
+        started or looked after); the others are recorded as ended, lost or retried.
+        """
+        held = []
         for job in await self.store.running(self.host):
             run_dir = self.run_dir(job.id, job.attempt)
-            status = await asyncio.to_thread(read_status, run_dir)
-            supervisor = await asyncio.to_thread(self._supervisor_of, run_dir)
-            if status is not None:
+            if read_status(run_dir) is not None:
                 log.info("job %d ended while the daemon was away", job.id)
                 await self._conclude(job, run_dir)
-            elif supervisor is not None and process_matches(*supervisor):
+                continue
+            supervisor = self._supervisor_of(run_dir)
+            if supervisor is not None and process_matches(*supervisor):
                 log.info("re-adopting job %d (supervisor pid %d)", job.id, supervisor[0])
                 self._watch(Attempt(job, run_dir, *supervisor))
-                adopted.append(job)
                 if job.cancel_requested:
                     self.cancel(job.id)
+            elif supervisor is not None:
+                if read_status(run_dir) is not None:  # it ended just now
+                    await self._conclude(job, run_dir)
+                else:
+                    await self._lost(job, run_dir, "its supervisor is gone (daemon or host "
+                                     "crash)")
+                continue
             else:
-                await self._lost(job, run_dir, "its supervisor is gone (daemon or host crash)")
-        return adopted
+                self._starting[job.id] = job.cancel_requested
+                self._spawn(self._resume(job, run_dir), f"resume-{job.id}")
+            held.append(job)
+        return held
+
+    async def _resume(self, job: Job, run_dir: Path) -> None:
+        """An attempt with no supervisor on record: find the one starting, or start it."""
+        deadline = time.monotonic() + ADOPT_GRACE_S
+        while (run_dir / SPEC_FILE).exists() and time.monotonic() < deadline:
+            supervisor = self._supervisor_of(run_dir)
+            if supervisor is not None and process_matches(*supervisor):
+                cancelled = self._starting.pop(job.id, False)
+                log.info("re-adopting job %d (supervisor pid %d)", job.id, supervisor[0])
+                self._watch(Attempt(job, run_dir, *supervisor))
+                if cancelled:
+                    self.cancel(job.id)
+                return
+            if read_status(run_dir) is not None:
+                self._starting.pop(job.id, None)
+                await self._conclude(job, run_dir)
+                return
+            await asyncio.sleep(ADOPT_POLL_S)
+        cancelled = self._starting.pop(job.id, False)
+        if cancelled:
+            self._ended(job.id)
+            await self._record(job, AttemptResult(JobState.CANCELLED))
+            return
+        log.info("job %d attempt %d was never launched; launching it now", job.id, job.attempt)
+        await self.start(job)
 
 
 def logs_path(run_dir: Path) -> Path:
@@ -285,4 +424,3 @@ def attempt_dirs(runs_dir: Path, job_id: int) -> list[Path]:
     if not base.is_dir():
         return []
     return sorted((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-

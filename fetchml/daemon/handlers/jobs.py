@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from fetchml.cas.paths import validate_path
@@ -22,11 +22,12 @@ from fetchml.daemon.store.base import (
     JobState,
     Resources,
 )
-from fetchml.errors import BadRequest, NotFound
+from fetchml.errors import BadRequest, NotFound, Unavailable
 
 JOB_KEYS = frozenset({"argv", "name", "env", "workdir", "priority", "cpus", "memory", "gpus",
                       "timeout", "retries", "after", "labels"})
 MAX_JOBS_PER_SUBMIT = 10_000
+ACTIVE_PAGE = 500  # active jobs read per query when listing one user's
 
 
 def job_to_wire(job: Job) -> dict[str, Any]:
@@ -61,6 +62,19 @@ async def visible_job(call: Call, text: str) -> Job:
     return job
 
 
+async def visible_jobs(call: Call, texts: Sequence[str]) -> list[Job]:
+    """``visible_job`` for many references at once: plain ids are read in one query."""
+    ids = [int(t) for t in (text.strip() for text in texts) if t.isdigit() and len(t) <= 18]
+    if len(ids) < len(texts) or len(ids) <= 8:
+        return [await visible_job(call, text) for text in texts]
+    found = {job.id: job for job in await get_many(call, ids)}
+    for job_id, text in zip(ids, texts, strict=True):
+        job = found.get(job_id)
+        if job is None or not may_see(call, job):
+            raise NotFound(f"no job {text} that you can see; `fetchml status` lists your jobs")
+    return [found[job_id] for job_id in ids]
+
+
 def _number(value: Any, name: str, kind: type, default: Any) -> Any:
     if value is None:
         return default
@@ -87,9 +101,10 @@ async def _spec(call: Call, raw: dict[str, Any], snapshot: str) -> JobSpec:
     retries = _number(raw.get("retries"), "retries", int, 0)
     if retries < 0:
         raise BadRequest("retries must not be negative")
-    after: list[int] = []
-    for ref in raw.get("after") or []:
-        after.append((await visible_job(call, str(ref))).id)
+    refs = raw.get("after") or []
+    if not isinstance(refs, list) or not all(isinstance(r, str | int) for r in refs):
+        raise BadRequest("after must be a list of job ids")
+    after = [(await visible_job(call, str(ref))).id for ref in refs]
     name = raw.get("name") or " ".join(argv)[:80]
     return JobSpec(
         name=name, owner=call.identity.user, snapshot=snapshot, argv=tuple(argv),
@@ -119,7 +134,11 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
     raw_jobs: list[dict[str, Any]] = call.args["jobs"]
     if not raw_jobs or len(raw_jobs) > MAX_JOBS_PER_SUBMIT:
         raise BadRequest(f"submit between 1 and {MAX_JOBS_PER_SUBMIT} jobs at once")
-    snapshot = await core.resolve_snapshot(call.args["snapshot"])
+    text = call.args["snapshot"].strip().lower()
+    # a full id names itself: one stat instead of a prefix search
+    full = len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    snapshot = text if full and core.snapshots.contains(text) else (
+        await core.resolve_snapshot(text))
     specs = [await _spec(call, raw, snapshot) for raw in raw_jobs]
     total = core.scheduler.total
     for spec in specs:
@@ -133,6 +152,23 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
         core.publish(job)
     core.scheduler.wake()
     return {"jobs": [job_to_wire(job) for job in jobs]}
+
+
+async def _active(call: Call, states: Collection[JobState], owner: str | None, limit: int,
+                  before: int | None) -> list[Job]:
+    """Jobs in these active states (of ``owner``), newest first.
+
+    Read through the state index and filtered by owner here: asked for both, the store walks
+    the owner's whole history, every finished job included.
+    """
+    found: list[Job] = []
+    while len(found) < limit:
+        page = await call.core.jobs.list(states=states, limit=ACTIVE_PAGE, before_id=before)
+        found.extend(job for job in page if owner is None or job.owner == owner)
+        if len(page) < ACTIVE_PAGE:
+            break
+        before = page[-1].id
+    return found[:limit]
 
 
 @handles("jobs.list")
@@ -150,11 +186,13 @@ async def jobs_list(call: Call) -> dict[str, Any]:
             states = {JobState(s) for s in args["states"]}
         except ValueError:
             raise BadRequest(f"states must be among {', '.join(JobState)}") from None
-        found = await jobs.list(states=states, owner=owner, limit=args["limit"],
-                                before_id=args["before"])
+        if states <= ACTIVE_STATES:
+            found = await _active(call, states, owner, args["limit"], args["before"])
+        else:
+            found = await jobs.list(states=states, owner=owner, limit=args["limit"],
+                                    before_id=args["before"])
     else:
-        active = await jobs.list(states=ACTIVE_STATES, owner=owner, limit=args["limit"],
-                                 before_id=args["before"])
+        active = await _active(call, ACTIVE_STATES, owner, args["limit"], args["before"])
         recent = await jobs.list(owner=owner, limit=args["limit"], before_id=args["before"])
         merged = {job.id: job for job in (*active, *recent)}
         found = sorted(merged.values(), key=lambda j: -j.id)[: max(args["limit"], len(active))]
@@ -185,42 +223,63 @@ async def jobs_cancel(call: Call) -> dict[str, Any]:
     call.require("jobs:cancel")
     who = call.identity.user
     reason = f"cancelled by {who}" + (f": {call.args['reason']}" if call.args["reason"] else "")
-    jobs = [await visible_job(call, text) for text in call.args["jobs"]]
+    jobs = await visible_jobs(call, call.args["jobs"])
     return {"jobs": [job_to_wire(await cancel_job(call, job, reason)) for job in jobs]}
+
+
+async def get_many(call: Call, ids: Sequence[int]) -> list[Job]:
+    """The stored jobs among ``ids``; one query when they are mostly one range (a sweep)."""
+    if not ids:
+        return []
+    low, high = min(ids), max(ids)
+    if len(ids) > 8 and high - low < 2 * len(ids):
+        wanted = set(ids)
+        found = await call.core.jobs.list(before_id=high + 1, limit=high - low + 1)
+        return [job for job in found if job.id in wanted]
+    jobs = [await call.core.jobs.get(job_id) for job_id in ids]
+    return [job for job in jobs if job is not None]
 
 
 async def _wait_until(call: Call, ids: Sequence[int],
                       deadline: float | None) -> tuple[dict[int, Job], bool]:
     done: dict[int, Job] = {}
-    with call.core.events.subscribe() as sub:
-        for job_id in ids:
-            job = await call.core.jobs.get(job_id)
-            if job is not None and job.state in TERMINAL_STATES:
-                done[job_id] = job
-                await call.emit("job", job_to_wire(job))
-        while len(done) < len(ids):
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                return done, True
-            try:
-                job = await asyncio.wait_for(sub.next(), timeout)
-            except TimeoutError:
-                return done, True
-            if job.id in ids and job.id not in done and job.state in TERMINAL_STATES:
-                done[job.id] = job
-                await call.emit("job", job_to_wire(job))
+    wanted = set(ids)
+
+    async def ended(job: Job) -> None:
+        if job.id in wanted and job.id not in done and job.state in TERMINAL_STATES:
+            done[job.id] = job
+            await call.emit("job", job_to_wire(job))
+
+    while len(done) < len(wanted):
+        # Subscribe first, then read: no ending can slip between the two. A subscriber that
+        # falls behind (a huge sweep ending at once) subscribes again and reads again.
+        with call.core.events.subscribe() as sub:
+            for job in await get_many(call, [i for i in ids if i not in done]):
+                await ended(job)
+            while len(done) < len(wanted) and not sub.overflowed:
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    return done, True
+                try:
+                    job = await asyncio.wait_for(sub.next(), timeout)
+                except TimeoutError:
+                    return done, True
+                except Unavailable:
+                    break
+                await ended(job)
     return done, False
 
 
 @handles("jobs.wait")
 async def jobs_wait(call: Call) -> dict[str, Any]:
     call.require("jobs:read")
-    jobs = [await visible_job(call, text) for text in call.args["jobs"]]
+    jobs = await visible_jobs(call, call.args["jobs"])
     ids = list(dict.fromkeys(job.id for job in jobs))
     timeout = call.args["timeout"]
     deadline = None if timeout is None else time.monotonic() + timeout
     done, timed_out = await _wait_until(call, ids, deadline)
-    final = [done.get(i) or await call.core.jobs.get(i) for i in ids]
+    rest = {job.id: job for job in await get_many(call, [i for i in ids if i not in done])}
+    final = [done.get(i) or rest.get(i) for i in ids]
     return {"jobs": [job_to_wire(j) for j in final if j is not None], "timed_out": timed_out}
 
 
@@ -229,7 +288,7 @@ async def jobs_events(call: Call) -> dict[str, Any]:
     call.require("jobs:read")
     wanted = None
     if call.args["jobs"] is not None:
-        wanted = {(await visible_job(call, text)).id for text in call.args["jobs"]}
+        wanted = {job.id for job in await visible_jobs(call, call.args["jobs"])}
     with call.core.events.subscribe() as sub:
         while True:
             job = await sub.next()

@@ -1,0 +1,153 @@
+"""`fetchml status` with 100,000 finished jobs in the store.
+
+Fills the SQLite job store directly (one transaction), starts a daemon on it, then times
+`jobs.list` over the protocol and the whole `fetchml status` command (a fresh process each run).
+Goal: both <= 100 ms.
+Usage: python bench/status_100k.py [--jobs 100000] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fetchml.client import Connection, Target, connect  # noqa: E402
+from fetchml.daemon.store.base import Job, JobState  # noqa: E402
+from fetchml.daemon.store.sqlite import SqliteJobStore  # noqa: E402
+from fetchml.daemon.store.sqlite_schema import INSERT_JOB, job_to_row  # noqa: E402
+
+START_TIMEOUT_S = 30.0
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
+    env.update(FETCHML_GPUS="", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class Daemon:
+    """A daemon in a subprocess on a private state dir."""
+
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.socket = self.state / "fetchml.sock"
+        self.env = bench_env(HOME=str(root), **env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        log = (self.root / "daemon.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fetchml", "daemon", "--state-dir", str(self.state)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (self.state / "daemon.json").exists() or not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"daemon did not start; see {self.root / 'daemon.log'}")
+            time.sleep(0.02)
+        return self
+
+    def connect(self) -> Connection:
+        return connect(Target(socket_path=str(self.socket)))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env, FETCHML_SOCKET=str(self.socket))
+        return subprocess.run([sys.executable, "-m", "fetchml", *args], env=env, cwd=self.root,
+                              capture_output=True, text=True, check=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def fill_store(db: Path, count: int, owner: str) -> None:
+    """``count`` succeeded jobs, written straight into a freshly migrated database."""
+
+    async def migrate() -> None:
+        async with SqliteJobStore(db):
+            pass
+
+    asyncio.run(migrate())
+    now = time.time()
+    template = Job(id=1, name="train lr=3e-4", owner=owner, snapshot="0" * 64,
+                   argv=("python", "train.py"), state=JobState.SUCCEEDED, attempt=1,
+                   created_at=now, queued_at=now, started_at=now, finished_at=now, host="bench",
+                   exit_code=0, peak_rss=1 << 20, cpu_time=0.5)
+    first = job_to_row(template)
+    rows = [(i, *first[1:]) for i in range(1, count + 1)]
+    with sqlite3.connect(db) as conn:
+        conn.executemany(INSERT_JOB, rows)
+        conn.execute("INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)",
+                     (count,))
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def measure_status(root: Path, jobs: int, runs: int) -> dict[str, float]:
+    """Milliseconds (median) of jobs.list over the protocol and of the whole CLI command."""
+    import getpass
+
+    fill_store(root / "state" / "jobs.db", jobs, getpass.getuser())
+    daemon = Daemon(root).start()
+    try:
+        conn = daemon.connect()
+        list_samples = []
+        for _ in range(runs + 1):
+            started = time.perf_counter()
+            found = conn.call("jobs.list", {})
+            list_samples.append(time.perf_counter() - started)
+        assert len(found["jobs"]) == 50, len(found["jobs"])
+        conn.close()
+        cli_samples = []
+        for _ in range(runs + 1):
+            started = time.perf_counter()
+            daemon.cli("status")
+            cli_samples.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        daemon.cli("status", "--json")
+        json_ms = (time.perf_counter() - started) * 1000
+        click_samples = []  # the floor: a Python that only imports click
+        for _ in range(runs + 1):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import click"], check=True)
+            click_samples.append(time.perf_counter() - started)
+    finally:
+        daemon.stop()
+    return {"list_ms": median_ms(list_samples[1:]), "cli_ms": median_ms(cli_samples[1:]),
+            "cli_json_ms": json_ms, "click_ms": median_ms(click_samples[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fml-st-", dir="/tmp"))
+    try:
+        result = measure_status(root, args.jobs, args.runs)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{args.jobs} finished jobs in the store")
+    print(f"jobs.list over the protocol   {result['list_ms']:7.1f} ms  (goal <= 100 ms)")
+    print(f"fetchml status (whole CLI)    {result['cli_ms']:7.1f} ms  (goal <= 100 ms)")
+    print(f"python -c 'import click'      {result['click_ms']:7.1f} ms  (the floor of any CLI)")
+
+
+if __name__ == "__main__":
+    main()
