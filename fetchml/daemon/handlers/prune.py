@@ -1,0 +1,68 @@
+"""admin.prune and snapshot pins: reclaiming space without losing what is still in use."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.retention import PruneReport, prune_jobs
+from fetchml.daemon.store.base import TERMINAL_STATES, JobState
+from fetchml.errors import BadRequest
+
+
+def _states(names: list[str] | None) -> set[JobState] | None:
+    if not names:
+        return None
+    try:
+        states = {JobState(name) for name in names}
+    except ValueError:
+        raise BadRequest(f"states must be among {', '.join(sorted(TERMINAL_STATES))}") from None
+    if not states <= TERMINAL_STATES:
+        raise BadRequest("only finished jobs (succeeded, failed, cancelled, lost) can be pruned")
+    return states
+
+
+@handles("admin.prune")
+async def admin_prune(call: Call) -> dict[str, Any]:
+    call.require("jobs:prune")
+    args, core = call.args, call.core
+    owner = args["user"] or call.identity.user
+    if args["all_users"] or owner != call.identity.user:
+        call.require("jobs:prune:all")
+    grace = core.settings.gc_grace
+    if args["gc_grace"] is not None:
+        call.require("admin:prune")
+        grace = args["gc_grace"]
+    jobs, runs, run_bytes = await prune_jobs(
+        core.jobs, core.runner.runs_dir, owner=None if args["all_users"] else owner,
+        states=_states(args["states"]), older_than=args["older_than"], keep=args["keep"],
+        dry_run=args["dry_run"])
+    objects = object_bytes = manifests = 0
+    if args["collect"]:
+        objects, object_bytes, manifests = await core.gc.collect(
+            grace, dry_run=args["dry_run"], ignore_jobs=set(jobs) if args["dry_run"] else ())
+    return PruneReport(len(jobs), runs, objects, run_bytes + object_bytes, manifests,
+                       args["dry_run"]).to_dict()
+
+
+@handles("snapshot.pin")
+async def snapshot_pin(call: Call) -> dict[str, Any]:
+    call.require("cas:write")
+    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    await asyncio.to_thread(call.core.pins.pin, snapshot, call.identity.user)
+    return {"snapshot": snapshot}
+
+
+@handles("snapshot.unpin")
+async def snapshot_unpin(call: Call) -> dict[str, Any]:
+    call.require("cas:write")
+    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    await asyncio.to_thread(call.core.pins.unpin, snapshot)
+    return {"snapshot": snapshot}
+
+
+@handles("snapshot.pins")
+async def snapshot_pins(call: Call) -> dict[str, Any]:
+    call.require("cas:read")
+    return {"pins": [{"snapshot": s, "by": by} for s, by in sorted(call.core.pins.ids.items())]}
