@@ -31,6 +31,7 @@ def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--pyz", type=Path, help="also time this dist/fetchml.pyz")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fml-bench-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
@@ -48,6 +49,10 @@ def main() -> None:
         click = timed([sys.executable, "-c", "import click"], env, args.runs)
         helps = timed([fetchml, "--help"], env, args.runs)
         info = timed([fetchml, "info"], env, args.runs)
+        pyz = None
+        if args.pyz:
+            pyz = (timed([sys.executable, str(args.pyz), "--help"], env, args.runs),
+                   timed([sys.executable, str(args.pyz), "info"], env, args.runs))
     finally:
         daemon.terminate()
         daemon.wait()
@@ -55,6 +60,11 @@ def main() -> None:
     print(f"python -c 'import click'  {click * 1000:7.1f} ms")
     print(f"fetchml --help            {helps * 1000:7.1f} ms   {helps / click:.2f}x  (goal <= 2x)")
     print(f"fetchml info              {info * 1000:7.1f} ms   {info / click:.2f}x  (goal <= 2x)")
+    if pyz:
+        print(f"fetchml.pyz --help        {pyz[0] * 1000:7.1f} ms   {pyz[0] / helps:.2f}x of "
+              "the installed entry point")
+        print(f"fetchml.pyz info          {pyz[1] * 1000:7.1f} ms   {pyz[1] / info:.2f}x of "
+              "the installed entry point")
 
 
 if __name__ == "__main__":

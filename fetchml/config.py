@@ -101,6 +101,12 @@ class DaemonSettings:
     audit_log: Path | None = setting(None, "audit log file (default <state_dir>/logs/audit.log)",
                                      "path")
     audit_max_bytes: int = setting(10 * 1024**2, "audit log size before it rotates", "bytes")
+    gc_grace: float = setting(3600.0, "objects younger than this are never collected", "duration")
+    retention_older_than: float | None = setting(
+        None, "prune finished jobs older than this, periodically (off when unset)", "duration")
+    retention_keep: int | None = setting(None, "with retention: always keep this many newest")
+    retention_interval: float = setting(3600.0, "how often the retention policy runs",
+                                        "duration")
 
 
 S = TypeVar("S", ClientSettings, DaemonSettings)

@@ -13,6 +13,7 @@ import click
 
 from fetchml.cli.context import CliContext, pass_cli
 from fetchml.config import DaemonSettings, load_daemon_settings
+from fetchml.logctx import ContextFilter
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -26,12 +27,22 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("job", "request", "user", "op"):
-            if hasattr(record, key):
+        for key in ("job", "request"):
+            if getattr(record, key, None) is not None:
                 entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+class TextLogFormatter(logging.Formatter):
+    """Readable lines for a terminal, with the job or request they concern."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        tags = [f"{key}={getattr(record, key)}" for key in ("job", "request")
+                if getattr(record, key, None) is not None]
+        return f"{text} [{' '.join(tags)}]" if tags else text
 
 
 def configure_logging(settings: DaemonSettings, env: dict[str, str]) -> None:
@@ -39,10 +50,11 @@ def configure_logging(settings: DaemonSettings, env: dict[str, str]) -> None:
     if fmt == "auto":
         fmt = "json" if ("JOURNAL_STREAM" in env or not sys.stderr.isatty()) else "text"
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

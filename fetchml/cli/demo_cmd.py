@@ -18,6 +18,7 @@ from fetchml.errors import DaemonUnreachable, FetchmlError
 
 DAEMON_START_TIMEOUT_S = 20.0
 DEMO_PROJECT = Path(__file__).resolve().parent.parent / "demo_project"
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _fetchml(*args: str) -> list[str]:
@@ -62,7 +63,10 @@ def demo(cli: CliContext, keep: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fetchml-demo-"))
     state_dir, sock = workdir / "state", workdir / "state" / "fetchml.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    env.update(FETCHML_SOCKET=str(sock), PYTHONUNBUFFERED="1")
+    # `python -m fetchml` must find this very copy of fetchml, also from a .pyz or a venv that
+    # is not activated.
+    path = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env.update(FETCHML_SOCKET=str(sock), PYTHONUNBUFFERED="1", PYTHONPATH=path)
     click.secho(f"fetchml demo in {workdir}", bold=True)
     log_path = workdir / "daemon.log"
     with log_path.open("wb") as log_file:

@@ -25,17 +25,23 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "init": ("init_cmd", "init", "Set up this directory as a fetchml project."),
     "sync": ("sync_cmd", "sync", "Snapshot the project and upload what the daemon lacks."),
     "queue": ("queue_cmd", "queue", "Sync and queue a command as a job."),
+    "watch": ("watch_cmd", "watch", "Sync on every change; with a command, re-queue it."),
     "status": ("status_cmd", "status", "Show jobs, or one job in detail."),
     "logs": ("logs_cmd", "logs", "Print or follow a job's output."),
     "wait": ("wait_cmd", "wait", "Wait until jobs end; exit 0 only if all succeeded."),
     "cancel": ("cancel_cmd", "cancel", "Cancel queued or running jobs."),
     "pull": ("pull_cmd", "pull", "Download a job's outputs."),
+    "prune": ("prune_cmd", "prune", "Delete old finished runs; garbage-collect the store."),
+    "pin": ("pin_cmd", "pin", "Keep a snapshot from garbage collection."),
+    "unpin": ("pin_cmd", "unpin", "Let garbage collection take a snapshot again."),
     "fsck": ("fsck_cmd", "fsck", "Check the daemon's object store."),
     "user": ("user_cmd", "user", "Add, list or revoke users and their API keys (admin)."),
     "audit": ("audit_cmd", "audit", "Verify or show the audit log (admin)."),
     "info": ("info_cmd", "info", "Show the daemon, who you are, and the host's resources."),
     "config": ("config_cmd", "config", "Show the merged settings and where each came from."),
     "daemon": ("daemon_cmd", "daemon", "Run the daemon in the foreground."),
+    "install-service": ("service_cmd", "install_service",
+                        "Write a systemd unit for this installation."),
     "demo": ("demo_cmd", "demo", "Run the whole flow against a throwaway daemon."),
 }
 
@@ -95,9 +101,9 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
+    except click.Abort:  # click's form of Ctrl-C (and of EOF at a prompt)
+        click.echo("interrupted", err=True)
+        sys.exit(130)
     except FetchmlError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

@@ -23,7 +23,9 @@ from fetchml.config import DaemonSettings
 from fetchml.daemon.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.handlers import HANDLERS, Call, load_all
+from fetchml.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fetchml.daemon.resources import HostInventory, detect_inventory
+from fetchml.daemon.retention import GarbageCollector, Pins, periodic, prune_jobs
 from fetchml.daemon.runner import Runner
 from fetchml.daemon.scheduler import Capacity, Scheduler
 from fetchml.daemon.session import Session
@@ -35,6 +37,7 @@ from fetchml.protocol import Limits
 log = logging.getLogger(__name__)
 
 MIN_PREFIX = 6  # shortest snapshot-id prefix accepted, as in `git` short ids
+READY_TIMEOUT_S = 2.0  # /ready fails when the job store takes longer than this to answer
 
 
 class DaemonCore:
@@ -57,7 +60,12 @@ class DaemonCore:
         self.objects: ObjectStore
         self.snapshots: ObjectStore
         self._gc_lock = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+        self.pins: Pins
+        self.gc: GarbageCollector
         self.events = JobEvents()
+        self.metrics = DaemonMetrics()
+        self.events.listen(self.metrics.job_changed)
         self.jobs: JobStore = None  # type: ignore[assignment]
         self.runner: Runner = None  # type: ignore[assignment]
         self.scheduler: Scheduler = None  # type: ignore[assignment]
@@ -92,8 +100,26 @@ class DaemonCore:
             self.scheduler.started(job)
         await self.scheduler.start()
         self.scheduler.wake()
+        self.pins = await asyncio.to_thread(Pins, s.state_dir)
+        self.gc = GarbageCollector(self.objects, self.snapshots, self.jobs, self.pins,
+                                   self._gc_lock)
+        self.events.listen(lambda job: self.gc.protect_snapshot(job.snapshot))
+        if s.retention_older_than is not None:
+            await self._stack.enter_async_context(periodic(s.retention_interval,
+                                                           self.apply_retention))
+
+    async def apply_retention(self) -> None:
+        """The configured retention policy: prune old finished jobs of everyone, then gc."""
+        s = self.settings
+        jobs, runs, _ = await prune_jobs(self.jobs, self.runner.runs_dir, owner=None,
+                                         states=None, older_than=s.retention_older_than,
+                                         keep=s.retention_keep, dry_run=False)
+        objects, size, _ = await self.gc.collect(s.gc_grace)
+        log.info("retention: pruned %d jobs (%d runs), collected %d objects (%d bytes)",
+                 len(jobs), runs, objects, size)
 
     async def close(self) -> None:
+        await self._stack.aclose()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.runner is not None:
@@ -127,7 +153,20 @@ class DaemonCore:
                                **summary)
 
     def count_upload(self, objects: int, data_bytes: int) -> None:
-        """Hook for upload metrics."""
+        self.metrics.sync_received.inc(data_bytes)
+
+    def count_deduplicated(self, data_bytes: int) -> None:
+        self.metrics.sync_deduplicated.inc(max(0, data_bytes))
+
+    async def ready(self) -> str | None:
+        """Why the daemon cannot serve jobs right now, or None when it can."""
+        try:
+            await asyncio.wait_for(self.jobs.counts(), READY_TIMEOUT_S)
+        except (FetchmlError, TimeoutError) as exc:
+            return f"job store unreachable: {exc}"
+        if not self.scheduler.alive():
+            return "scheduler is not running"
+        return None
 
     async def resolve_snapshot(self, text: str) -> str:
         """A full snapshot id from an id or a unique prefix of at least 6 hex digits."""
@@ -153,7 +192,7 @@ class DaemonCore:
         return await HANDLERS[call.op](call)
 
     def observe_request(self, op: str, seconds: float) -> None:
-        """Hook for request metrics."""
+        self.metrics.request_latency.labels(op).observe(seconds)
 
 
 DAEMON_CORE = web.AppKey("fetchml_core", DaemonCore)
@@ -189,6 +228,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         identity = core.auth.admit(knock)
     except SlowedRefusal as exc:
         log.info("refused connection: %s", exc.message)
+        core.metrics.auth_failures.inc()
         await asyncio.sleep(exc.delay)
         return _refusal(exc)
     except FetchmlError as exc:
@@ -212,6 +252,25 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def ready(request: web.Request) -> web.Response:
+    problem = await request.app[DAEMON_CORE].ready()
+    if problem:
+        return web.json_response({"status": "unavailable", "reason": problem}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    core = request.app[DAEMON_CORE]
+    knock = _knock(request)
+    if knock.unix is None:  # over TCP, metrics follow the same network policy as sessions
+        address = core.auth.policy.client_address(knock.peer, knock.forwarded_for)
+        if not core.auth.policy.allows(address):
+            return web.json_response({"error": {"code": "permission_denied", "message":
+                                                "address not allowed"}}, status=403)
+    await core.metrics.refresh(core)
+    return web.Response(body=core.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def health(request: web.Request) -> web.Response:
     core = request.app[DAEMON_CORE]
     return web.json_response({"status": "ok", "daemon": f"fetchml/{__version__}",
@@ -233,11 +292,30 @@ async def _close_sessions(app: web.Application) -> None:
         await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
 
 
+def create_metrics_app(core: DaemonCore) -> web.Application:
+    """The app of --metrics-listen: metrics, health and readiness only, no sessions."""
+    app = web.Application(client_max_size=1024)
+    app[DAEMON_CORE] = core
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_open)
+    return app
+
+
+async def metrics_open(request: web.Request) -> web.Response:
+    """/metrics on the dedicated metrics listener: whoever can reach it may scrape it."""
+    core = request.app[DAEMON_CORE]
+    await core.metrics.refresh(core)
+    return web.Response(body=core.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def create_app(settings: DaemonSettings) -> web.Application:
     """A complete daemon application; nothing is opened until the app starts."""
     app = web.Application(client_max_size=64 * 1024)
     app[DAEMON_CORE] = DaemonCore(settings)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", websocket_endpoint)
     app.cleanup_ctx.append(_core_context)
     app.on_shutdown.append(_close_sessions)

@@ -14,13 +14,14 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
 
 from fetchml.config import DaemonSettings, daemon_socket_path
-from fetchml.daemon.app import create_app
+from fetchml.daemon import sdnotify
+from fetchml.daemon.app import DAEMON_CORE, DaemonCore, create_app, create_metrics_app
 from fetchml.daemon.auth import check_users, load_roles
 from fetchml.daemon.netpolicy import NetworkPolicy
 from fetchml.errors import ConfigError, Conflict, FetchmlError
@@ -181,26 +182,42 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
         app = create_app(settings)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         info: dict[str, object] = {"pid": os.getpid(), "socket": str(socket_path)}
+        cleanups: list[Callable[[], Awaitable[None]]] = []
         try:
             await runner.setup()
             await web.SockSite(runner, unix).start()
             if tcp:
                 tcp_sock = bind_tcp_socket(*tcp)
                 await web.SockSite(runner, tcp_sock, ssl_context=context).start()
-                bound = tcp_sock.getsockname()
-                scheme = "wss" if context else "ws"
-                host = f"[{tcp[0]}]" if ":" in tcp[0] else tcp[0]
-                info["url"] = f"{scheme}://{host}:{bound[1]}/ws"
+                info["url"] = _url("wss" if context else "ws", (tcp[0],
+                                   tcp_sock.getsockname()[1])) + "/ws"
                 log.info("listening on %s", info["url"])
+            if settings.metrics_listen:
+                metrics_runner = web.AppRunner(create_metrics_app(app[DAEMON_CORE]),
+                                               handle_signals=False, access_log=None)
+                await metrics_runner.setup()
+                cleanups.append(metrics_runner.cleanup)
+                metrics_sock = bind_tcp_socket(*parse_listen(settings.metrics_listen))
+                await web.SockSite(metrics_runner, metrics_sock).start()
+                info["metrics"] = _url("http", metrics_sock.getsockname()) + "/metrics"
+                log.info("metrics on %s", info["metrics"])
             log.info("listening on unix socket %s", socket_path)
             _write_runtime_info(settings.state_dir, info)
+            sdnotify.notify(f"READY=1\nSTATUS=serving on {socket_path}\nMAINPID={os.getpid()}")
+            period = sdnotify.watchdog_period()
+            if period:
+                watchdog = asyncio.create_task(_watchdog(period, app[DAEMON_CORE]))
+                cleanups.append(lambda: _cancel(watchdog))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             if on_ready is not None:
                 on_ready(info)
             await stop.wait()
             log.info("stopping")
+            sdnotify.notify("STOPPING=1")
         finally:
+            for cleanup in reversed(cleanups):
+                await cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await runner.cleanup()
@@ -211,6 +228,24 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
             with contextlib.suppress(FileNotFoundError):
                 (settings.state_dir / RUNTIME_INFO_NAME).unlink()
     log.info("stopped")
+
+
+def _url(scheme: str, address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host = address[0]
+    return f"{scheme}://[{host}]:{address[1]}" if ":" in host else f"{scheme}://{host}:{address[1]}"
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _watchdog(period: float, core: DaemonCore) -> None:
+    """Ping systemd's watchdog while the daemon is healthy; a stuck loop stops the pings."""
+    while True:
+        if await core.ready() is None:
+            sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(period)
 
 
 def _write_runtime_info(state_dir: Path, info: dict[str, object]) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from fetchml import __version__
+from fetchml import __version__, logctx
 from fetchml.daemon.handlers import HANDLERS, ORDERED_OPS, Call
 from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation, RateLimited
 from fetchml.protocol import (
@@ -214,6 +214,7 @@ class Session:
 
     async def _run(self, call: Call) -> None:
         started = time.monotonic()
+        logctx.request_id.set(f"{self.identity.user}:{call.request_id}")
         try:
             result = await self.core.handle(call)
             await self.send(reply_ok(call.request_id, result))

@@ -236,6 +236,47 @@ ADMIN_AUDIT = OpSpec(
     result='{"ok", "lines", "files", "bad_file", "bad_line", "reason", "entries": [...]}',
 )
 
+ADMIN_PRUNE = OpSpec(
+    "admin.prune",
+    "Deletes finished jobs' run directories and records (never held, queued or running ones), "
+    "then garbage-collects objects no live root needs.",
+    args=(
+        Arg("older_than", float, "only jobs finished at least this many seconds ago",
+            default=None, nullable=True, check=non_negative),
+        Arg("keep", int, "keep this many of the newest selected jobs", default=None,
+            nullable=True, check=non_negative),
+        Arg("states", list, "only these final states", default=None, items=str, nullable=True),
+        Arg("user", str, "only this user's jobs (others' need jobs:prune:all)", default=None,
+            nullable=True),
+        Arg("all_users", bool, "everyone's jobs (needs jobs:prune:all)", default=False),
+        Arg("gc_grace", float, "collect objects older than this many seconds (admin only)",
+            default=None, nullable=True, check=non_negative),
+        Arg("collect", bool, "also garbage-collect the store", default=True),
+        Arg("dry_run", bool, "report what would be freed; change nothing", default=False),
+    ),
+    result='{"jobs", "runs", "objects", "bytes", "snapshots", "dry_run"}',
+)
+
+SNAPSHOT_PIN = OpSpec(
+    "snapshot.pin",
+    "Keeps a snapshot (and every object it names) from garbage collection.",
+    args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
+    result='{"snapshot"}',
+)
+
+SNAPSHOT_UNPIN = OpSpec(
+    "snapshot.unpin",
+    "Lets garbage collection treat a pinned snapshot like any other again.",
+    args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
+    result='{"snapshot"}',
+)
+
+SNAPSHOT_PINS = OpSpec(
+    "snapshot.pins",
+    "Every pinned snapshot and who pinned it.",
+    result='{"pins": [{"snapshot", "by"}]}',
+)
+
 CATALOGUE: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
@@ -261,6 +302,10 @@ CATALOGUE: dict[str, OpSpec] = {
         ADMIN_USERS_LIST,
         ADMIN_USERS_REVOKE,
         ADMIN_AUDIT,
+        ADMIN_PRUNE,
+        SNAPSHOT_PIN,
+        SNAPSHOT_UNPIN,
+        SNAPSHOT_PINS,
     )
 }
 

@@ -64,6 +64,14 @@ def handles(op: str) -> Callable[[Handler], Handler]:
 
 def load_all() -> dict[str, Handler]:
     """Import every handler module so that each registers its ops."""
-    from fetchml.daemon.handlers import admin, cas, host, jobs, logs, users  # noqa: F401
+    from fetchml.daemon.handlers import (  # noqa: F401
+        admin,
+        cas,
+        host,
+        jobs,
+        logs,
+        prune,
+        users,
+    )
 
     return HANDLERS
