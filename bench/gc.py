@@ -22,7 +22,7 @@ from pathlib import Path
 from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.retention import GarbageCollector, Pins
+from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate
 from fetchml.daemon.store.memory import MemoryJobStore
 
 PER_SNAPSHOT = 50_000  # files per live snapshot
@@ -60,7 +60,7 @@ async def collect(root: Path, objects: ObjectStore, snapshots: ObjectStore,
         pins.pin(snapshot, "bench")
     store = MemoryJobStore()
     await store.open()
-    collector = GarbageCollector(objects, snapshots, store, pins, asyncio.Lock())
+    collector = GarbageCollector(objects, snapshots, store, pins, SweepGate())
     started = time.perf_counter()
     count, size, _ = await collector.collect(grace_s=3600)
     return count, size, time.perf_counter() - started

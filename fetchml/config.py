@@ -107,6 +107,26 @@ class DaemonSettings:
     retention_keep: int | None = setting(None, "with retention: always keep this many newest")
     retention_interval: float = setting(3600.0, "how often the retention policy runs",
                                         "duration")
+    # -- cluster (with a redis:// store) -------------------------------------------------------
+    cluster_secret: str | None = setting(None, "shared secret daemons of a cluster present to "
+                                         "each other", secret=True)
+    advertise: str | None = setting(None, "URL other daemons reach this one at (default: "
+                                    "from listen)")
+    heartbeat_interval: float = setting(2.0, "seconds between this host's heartbeats",
+                                        "duration")
+    lease_timeout: float = setting(15.0, "a host silent this long has lost its running jobs",
+                                   "duration")
+    # -- isolation and per-job limits ----------------------------------------------------------
+    isolation_choices: list[str] = setting([], "isolation modes users may ask for per job "
+                                           "(besides the default)", "list")
+    job_network: bool = setting(True, "whether isolated jobs may use the network")
+    podman_image: str = setting("docker.io/library/python:3.11-slim",
+                                "image podman-isolated jobs run in")
+    job_max_processes: int | None = setting(None, "processes (threads) one job may have")
+    job_max_log_bytes: int | None = setting(None, "largest output.log a job may write", "bytes")
+    job_max_output_bytes: int | None = setting(None, "largest outputs a job may write", "bytes")
+    # -- job metrics ------------------------------------------------------------------------
+    metrics_max_points: int = setting(10_000, "points kept per metric series of a job")
 
 
 S = TypeVar("S", ClientSettings, DaemonSettings)

@@ -18,20 +18,22 @@ from typing import Any
 from aiohttp import web
 
 from fetchml import __version__
+from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore
 from fetchml.config import DaemonSettings
+from fetchml.daemon import datasets, isolation, jobmetrics
 from fetchml.daemon.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.handlers import HANDLERS, Call, load_all
 from fetchml.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fetchml.daemon.resources import HostInventory, detect_inventory
-from fetchml.daemon.retention import GarbageCollector, Pins, periodic, prune_jobs
+from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate, periodic, prune_jobs
 from fetchml.daemon.runner import Runner
 from fetchml.daemon.scheduler import Capacity, Scheduler
 from fetchml.daemon.session import Session
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.base import Job, JobStore
-from fetchml.errors import BadRequest, FetchmlError, NotFound, RateLimited
+from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, RateLimited
 from fetchml.protocol import Limits
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class DaemonCore:
         self.inventory: HostInventory
         self.objects: ObjectStore
         self.snapshots: ObjectStore
-        self._gc_lock = asyncio.Lock()
+        self._sweep_gate = SweepGate()
         self._stack = contextlib.AsyncExitStack()
         self.pins: Pins
         self.gc: GarbageCollector
@@ -95,15 +97,17 @@ class DaemonCore:
             environ=os.environ, on_change=self.publish, on_end=self._attempt_ended)
         self.scheduler = Scheduler(self.jobs, s.name, total, s.aging_interval, self.runner.start,
                                    events=self.events)
+        self.pins = await asyncio.to_thread(Pins, s.state_dir)
+        self.gc = GarbageCollector(self.objects, self.snapshots, self.jobs, self.pins,
+                                   self._sweep_gate)
+        self.events.listen(lambda job: self.gc.protect_snapshot(job.snapshot))
+        for feature in (isolation, datasets, jobmetrics):  # before any attempt starts
+            await feature.attach(self, self._stack)
         await self.runner.open()
         for job in await self.runner.adopt():
             self.scheduler.started(job)
         await self.scheduler.start()
         self.scheduler.wake()
-        self.pins = await asyncio.to_thread(Pins, s.state_dir)
-        self.gc = GarbageCollector(self.objects, self.snapshots, self.jobs, self.pins,
-                                   self._gc_lock)
-        self.events.listen(lambda job: self.gc.protect_snapshot(job.snapshot))
         if s.retention_older_than is not None:
             await self._stack.enter_async_context(periodic(s.retention_interval,
                                                            self.apply_retention))
@@ -137,7 +141,7 @@ class DaemonCore:
     @contextlib.asynccontextmanager
     async def gc_guard(self) -> AsyncIterator[None]:
         """Held while a snapshot is being recorded, so garbage collection cannot interleave."""
-        async with self._gc_lock:
+        async with self._sweep_gate.shared():
             yield
 
     def audit_call(self, call: Call, result: Any) -> None:
@@ -169,8 +173,25 @@ class DaemonCore:
         return None
 
     async def resolve_snapshot(self, text: str) -> str:
-        """A full snapshot id from an id or a unique prefix of at least 6 hex digits."""
-        text = text.strip().lower()
+        """A full snapshot id from an id or a unique prefix of at least 6 hex digits.
+
+        While a garbage collection runs, the snapshot is kept with everything it names, and
+        one it already took objects from is refused: callers hold ``gc_guard``."""
+        snapshot = await self._find_snapshot(text.strip().lower())
+        if self.gc.running:
+            self.gc.protect_snapshot(snapshot)
+            data = await asyncio.to_thread(self.snapshots.read_bytes, snapshot)
+            oids = sorted(SnapshotManifest.decode(data).oids())
+            missing = await asyncio.to_thread(self.objects.missing, oids)
+            if missing:
+                raise IntegrityError(f"snapshot {snapshot[:12]} lost {len(missing)} objects to "
+                                     "garbage collection; sync the project again")
+            self.gc.protect_objects(oids)
+        return snapshot
+
+    async def _find_snapshot(self, text: str) -> str:
+        if len(text) == 64 and await asyncio.to_thread(self.snapshots.contains, text):
+            return text  # a full id names itself: one stat instead of a prefix search
         if len(text) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in text):
             raise BadRequest(f"{text[:80]!r} is not a snapshot id; give at least "
                              f"{MIN_PREFIX} hex digits")

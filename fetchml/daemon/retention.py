@@ -74,14 +74,53 @@ class Pins:
         self._save()
 
 
+class SweepGate:
+    """Many requests that rely on stored objects (syncs, submits) may hold it at once; a sweep
+    batch holds it alone. A waiting sweep stops new holders, so collections never starve."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._sweeping = False
+        self._sweep_waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._sweeping and not self._sweep_waiting)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._holders -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._sweep_waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._sweeping and not self._holders)
+            finally:
+                self._sweep_waiting -= 1
+            self._sweeping = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._sweeping = False
+                self._changed.notify_all()
+
+
 class GarbageCollector:
     """One collection at a time; remembers what sessions touch while it runs."""
 
     def __init__(self, objects: ObjectStore, snapshots: ObjectStore, store: JobStore,
-                 pins: Pins, guard: asyncio.Lock,
+                 pins: Pins, gate: SweepGate,
                  extra_roots: Callable[[], Iterable[str]] = tuple) -> None:
         self.objects, self.snapshots, self.store, self.pins = objects, snapshots, store, pins
-        self.guard = guard  # snapshot.put holds it while it checks and writes a manifest
+        self.gate = gate  # requests that rely on stored objects share it; sweeps take it alone
         self.extra_roots = extra_roots
         self._running = asyncio.Lock()
         self._fresh_objects: set[str] | None = None  # set only while a collection runs
@@ -142,7 +181,7 @@ class GarbageCollector:
         manifests = 0
         for batch in await asyncio.to_thread(
                 lambda: list(gc.find_garbage(self.snapshots, gc.MarkResult(), older_than=cutoff))):
-            async with self.guard:
+            async with self.gate.exclusive():
                 doomed = [g for g in batch if g.oid not in roots
                           and g.oid not in self._fresh_snapshots]
                 if not dry_run:
@@ -152,7 +191,7 @@ class GarbageCollector:
         count = size = 0
         batches = gc.find_garbage(self.objects, marks, older_than=cutoff)
         while (chunk := await asyncio.to_thread(_next_batch, batches)) is not None:
-            async with self.guard:  # a sync's snapshot.put waits at most one batch
+            async with self.gate.exclusive():  # a sync or submit waits at most one batch
                 await self._expand_fresh_snapshots()
                 fresh = self._fresh_objects or set()
                 doomed = [g for g in chunk if g.oid not in fresh]

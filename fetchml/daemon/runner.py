@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -124,6 +124,21 @@ def _is_empty_dir(path: Path) -> bool:
         return True
 
 
+@dataclass
+class RunnerHooks:
+    """Where features plug into starting an attempt, in this order:
+
+    ``before_prepare`` (async, e.g. fetch a snapshot's objects from a peer), ``workspace``
+    (blocking, once the snapshot is materialised: e.g. expose datasets), ``environment`` (extra
+    variables), ``spec`` (rewrite how the job is started: e.g. a sandbox, resource limits).
+    """
+
+    before_prepare: list[Callable[[Job], Awaitable[None]]] = field(default_factory=list)
+    workspace: list[Callable[[Job, Path], None]] = field(default_factory=list)
+    environment: list[Callable[[Job, Path], Mapping[str, str]]] = field(default_factory=list)
+    spec: list[Callable[[RunSpec, Job, Path], RunSpec]] = field(default_factory=list)
+
+
 class Runner:
     """Starts attempts the scheduler claimed, watches them, and records how they end.
 
@@ -134,7 +149,7 @@ class Runner:
     def __init__(self, *, state_dir: Path, host: str, store: JobStore, objects: ObjectStore,
                  snapshots: ObjectStore, inventory: HostInventory, kill_grace: float,
                  environ: Mapping[str, str], on_change: Callable[[Job], None],
-                 on_end: Callable[[int], None]) -> None:
+                 on_end: Callable[[int], None], hooks: RunnerHooks | None = None) -> None:
         self.runs_dir = state_dir / "runs"
         self.host, self.store = host, store
         self.objects, self.snapshots = objects, snapshots
@@ -146,6 +161,7 @@ class Runner:
         self._starting: dict[int, bool] = {}  # job id -> whether a cancel came meanwhile
         self._tasks: set[asyncio.Task[None]] = set()
         self._manifests: dict[str, SnapshotManifest] = {}
+        self.hooks = hooks or RunnerHooks()
 
     async def open(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -195,6 +211,8 @@ class Runner:
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "NVIDIA_VISIBLE_DEVICES": visible or "none",
         })
+        for extra in self.hooks.environment:
+            env.update(extra(job, run_dir))
         return env
 
     def _prepare(self, job: Job, run_dir: Path) -> None:
@@ -212,8 +230,12 @@ class Runner:
         if job.workdir and (not cwd.is_dir() or cwd.is_symlink()):
             raise FetchmlError(f"workdir {job.workdir!r} is not a directory of the snapshot; "
                                "queue the job with a --workdir that exists")
+        for expose in self.hooks.workspace:
+            expose(job, run_dir)
         spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir),
                        cwd=str(cwd), timeout=job.timeout, kill_grace=self.kill_grace)
+        for rewrite in self.hooks.spec:
+            spec = rewrite(spec, job, run_dir)
         write_json_atomic(run_dir / SPEC_FILE, spec.to_dict())
 
     async def start(self, job: Job, claimed: Awaitable[Job | None] | None = None) -> None:
@@ -228,6 +250,8 @@ class Runner:
         failure: str | None = None
         try:
             try:
+                for fetch in self.hooks.before_prepare:
+                    await fetch(job)
                 await asyncio.to_thread(self._prepare, job, run_dir)
             except (FetchmlError, OSError) as exc:
                 failure = exc.message if isinstance(exc, FetchmlError) else str(exc)

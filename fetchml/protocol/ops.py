@@ -7,6 +7,7 @@ Job ids travel as strings (``"42"``) so that a later id scheme does not break cl
 
 from __future__ import annotations
 
+from fetchml.protocol import ops_cluster, ops_datasets, ops_metrics
 from fetchml.protocol.schema import Arg, OpSpec, in_range, non_negative
 
 PROTOCOL_VERSION = 1
@@ -277,9 +278,13 @@ SNAPSHOT_PINS = OpSpec(
     result='{"pins": [{"snapshot", "by"}]}',
 )
 
+# Ops of optional subsystems live in modules of their own.
+_GROUPS = (*ops_cluster.OPS, *ops_datasets.OPS, *ops_metrics.OPS)
+
 CATALOGUE: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
+        *_GROUPS,
         HELLO,
         STREAM_CANCEL,
         HOST_INFO,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from fetchml.cas.manifest import SnapshotManifest
 from fetchml.errors import NotFound, PermissionDenied
 from tests.conftest import DaemonProcess, make_daemon
 
@@ -165,3 +167,39 @@ def test_retention_policy_prunes_periodically(short_tmp: Path, project: Path) ->
                 time.sleep(0.1)
     finally:
         daemon.stop()
+
+
+def test_sync_during_gc_completes_with_an_intact_snapshot(daemon: DaemonProcess,
+                                                          short_tmp: Path) -> None:
+    tree = short_tmp / "tree"
+    (tree / "many").mkdir(parents=True)
+    for i in range(3000):  # old garbage and old-but-reused objects: gc has work to do
+        (tree / "many" / f"f{i}.txt").write_text(f"old file {i}\n")
+    first = json.loads(daemon.cli("sync", "--json", cwd=tree).stdout)
+    assert first["sent_files"] == 3000
+    age_everything(daemon)  # the first snapshot and all its objects are collectable now
+    for i in range(0, 3000, 2):
+        (tree / "many" / f"f{i}.txt").unlink()  # half of them become garbage for good
+    (tree / "new.txt").write_text("written during the collection\n")
+    gc_done = threading.Event()
+    gc_result: list[object] = []
+
+    def collect() -> None:
+        gc_result.append(prune(daemon, "--older-than", "1d", "--gc-grace", "0"))
+        gc_done.set()
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    snapshots = []
+    while not gc_done.is_set() or not snapshots:
+        done = daemon.cli("sync", "--json", cwd=tree)
+        assert done.returncode == 0, done.stderr
+        snapshots.append(json.loads(done.stdout)["snapshot"])
+    collector.join(timeout=60)
+    assert gc_result and int(gc_result[0]["objects"]) >= 1500  # type: ignore[index]
+    with daemon.connect() as conn:
+        for snapshot in set(snapshots):
+            manifest = conn.call("snapshot.get", {"snapshot": snapshot})["manifest"]
+            oids = sorted(SnapshotManifest.decode(manifest).oids())
+            assert conn.call("cas.missing", {"oids": oids})["missing"] == []
+    assert daemon.cli("fsck", "--read-data").returncode == 0

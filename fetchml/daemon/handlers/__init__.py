@@ -67,9 +67,12 @@ def load_all() -> dict[str, Handler]:
     from fetchml.daemon.handlers import (  # noqa: F401
         admin,
         cas,
+        cluster,
+        datasets,
         host,
         jobs,
         logs,
+        metrics,
         prune,
         users,
     )

@@ -25,7 +25,7 @@ from fetchml.daemon.store.base import (
 from fetchml.errors import BadRequest, NotFound, Unavailable
 
 JOB_KEYS = frozenset({"argv", "name", "env", "workdir", "priority", "cpus", "memory", "gpus",
-                      "timeout", "retries", "after", "labels"})
+                      "timeout", "retries", "after", "labels", "datasets", "isolation"})
 MAX_JOBS_PER_SUBMIT = 10_000
 ACTIVE_PAGE = 500  # active jobs read per query when listing one user's
 
@@ -38,7 +38,8 @@ def job_to_wire(job: Job) -> dict[str, Any]:
         "env": dict(job.env), "workdir": job.workdir, "cpus": job.resources.cpus,
         "memory": job.resources.memory, "gpus_requested": job.resources.gpus,
         "timeout": job.timeout, "max_attempts": job.max_attempts, "after": list(job.after),
-        "labels": dict(job.labels), "attempt": job.attempt, "reason": job.reason,
+        "labels": dict(job.labels), "datasets": list(job.datasets),
+        "isolation": job.isolation, "attempt": job.attempt, "reason": job.reason,
         "created_at": job.created_at, "queued_at": job.queued_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
         "gpus": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
@@ -115,6 +116,7 @@ async def _spec(call: Call, raw: dict[str, Any], snapshot: str) -> JobSpec:
                             gpus=_number(raw.get("gpus"), "gpus", int, 0)),
         timeout=_number(raw.get("timeout"), "timeout", float, None),
         max_attempts=retries + 1, after=tuple(after), labels=raw.get("labels") or {},
+        datasets=tuple(raw.get("datasets") or ()), isolation=raw.get("isolation"),
     )
 
 
@@ -134,20 +136,19 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
     raw_jobs: list[dict[str, Any]] = call.args["jobs"]
     if not raw_jobs or len(raw_jobs) > MAX_JOBS_PER_SUBMIT:
         raise BadRequest(f"submit between 1 and {MAX_JOBS_PER_SUBMIT} jobs at once")
-    text = call.args["snapshot"].strip().lower()
-    # a full id names itself: one stat instead of a prefix search
-    full = len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-    snapshot = text if full and core.snapshots.contains(text) else (
-        await core.resolve_snapshot(text))
-    specs = [await _spec(call, raw, snapshot) for raw in raw_jobs]
-    total = core.scheduler.total
-    for spec in specs:
-        why = never_fits(spec, total)
-        if why:
-            raise BadRequest(f"job {spec.name!r} can never start: {why}; ask for less")
-    if call.args["supersede"]:
-        await _supersede(call, call.args["supersede"])
-    jobs = await core.jobs.submit(specs, time.time())
+    # Shared with syncs, exclusive to a garbage-collection batch: once the snapshot is
+    # resolved here, a collection running now keeps it and everything it names.
+    async with core.gc_guard():
+        snapshot = await core.resolve_snapshot(call.args["snapshot"])
+        specs = [await _spec(call, raw, snapshot) for raw in raw_jobs]
+        total = core.scheduler.total
+        for spec in specs:
+            why = never_fits(spec, total)
+            if why:
+                raise BadRequest(f"job {spec.name!r} can never start: {why}; ask for less")
+        if call.args["supersede"]:
+            await _supersede(call, call.args["supersede"])
+        jobs = await core.jobs.submit(specs, time.time())
     for job in jobs:
         core.publish(job)
     core.scheduler.wake()

@@ -175,6 +175,10 @@ class JobSpec:
     max_attempts: int = 1  # retries + 1
     after: tuple[int, ...] = ()  # ids of jobs that must succeed first
     labels: Mapping[str, str] = field(default_factory=dict)  # free-form tags
+    # Dataset versions the job reads, resolved at submit: "NAME@VERSION" or
+    # "NAME@VERSION:MOUNT" (MOUNT a path inside the workspace).
+    datasets: tuple[str, ...] = ()
+    isolation: str | None = None  # "none", "bwrap", "podman"; None: the daemon's default
 
     def __post_init__(self) -> None:
         _str(self.name, "name")
@@ -195,6 +199,8 @@ class JobSpec:
         _int(self.max_attempts, "max_attempts", 1)
         _set(self, "after", _int_tuple(self.after, "after", 1))
         _set(self, "labels", _str_map(self.labels, "labels"))
+        _set(self, "datasets", _str_tuple(self.datasets, "datasets"))
+        _optional(_str, self.isolation, "isolation")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON/msgpack-able types."""

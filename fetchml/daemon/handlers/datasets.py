@@ -1,0 +1,3 @@
+"""datasets ops (registered with @handles; see fetchml/protocol/ops_datasets.py)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""metrics ops (registered with @handles; see fetchml/protocol/ops_metrics.py)."""
+
+from __future__ import annotations
