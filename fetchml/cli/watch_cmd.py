@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from fetchml.cas import delta
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.cli.queue_cmd import build_jobs, queue_options
@@ -21,6 +22,7 @@ from fetchml.client.transfer import SyncReport, find_missing, upload
 from fetchml.client.watcher import Batch, ChangeWatcher
 from fetchml.config import parse_duration
 from fetchml.errors import (
+    BadRequest,
     FetchmlError,
     IntegrityError,
     NotFound,
@@ -53,6 +55,7 @@ class WatchLoop:
         self.jobs, self.watch_id, self.restart = jobs, watch_id, restart
         self.conn: Connection | None = None
         self.known: set[str] = set()  # oids this daemon is known to hold
+        self.base: tuple[str, SnapshotManifest] | None = None  # the last snapshot stored
         self.queued_snapshot: str | None = None
         self.last_jobs: list[str] = []
         self.retry_at: float | None = None
@@ -169,13 +172,30 @@ class WatchLoop:
             sent_files += len(missing)
             self.known.update(unknown)
             try:
+                result = conn.call("snapshot.put", self.put_args(manifest))
+                self.base = (str(result["snapshot"]), manifest)
+                return sent_files, sent_bytes, str(result["snapshot"])
+            except (NotFound, BadRequest):  # the base was collected, or the delta refused
+                self.base = None
                 result = conn.call("snapshot.put", {"manifest": manifest.encode()})
+                self.base = (str(result["snapshot"]), manifest)
                 return sent_files, sent_bytes, str(result["snapshot"])
             except IntegrityError:
                 if attempt == 2:
                     raise
                 self.known.clear()  # objects it held were collected since: ask again
         raise AssertionError("unreachable")
+
+    def put_args(self, manifest: SnapshotManifest) -> dict[str, Any]:
+        """The whole manifest, or only its changes from the last one stored (so the daemon
+        checks one entry, not the whole tree, after a single edit)."""
+        if self.base is not None:
+            base_id, base = self.base
+            upsert, remove = delta.diff(base, manifest)
+            if delta.worth_sending(base, upsert, remove):
+                return {"base": base_id, "upsert": upsert, "remove": remove,
+                        "expect": manifest.snapshot_id}
+        return {"manifest": manifest.encode()}
 
     def queue(self, snapshot: str) -> list[dict[str, Any]] | None:
         """Submit the command on a new snapshot; the daemon cancels this watch's stale

@@ -88,8 +88,19 @@ CAS_GET = OpSpec(
 
 SNAPSHOT_PUT = OpSpec(
     "snapshot.put",
-    "Stores a canonical snapshot manifest once every object it names is stored and durable.",
-    args=(Arg("manifest", bytes, "canonical manifest encoding", required=True),),
+    "Stores a canonical snapshot manifest once every object it names is stored and durable. "
+    "Send either the whole manifest, or a stored base snapshot and the changes to it.",
+    args=(
+        Arg("manifest", bytes, "canonical manifest encoding", default=None, nullable=True),
+        Arg("base", str, "a stored snapshot the changes apply to", default=None,
+            nullable=True),
+        Arg("upsert", list, "manifest rows added or replaced (with base)", default=None,
+            items=list, nullable=True),
+        Arg("remove", list, "paths removed (with base)", default=None, items=str,
+            nullable=True),
+        Arg("expect", str, "the snapshot id the sender computed; a mismatch is refused",
+            default=None, nullable=True),
+    ),
     result='{"snapshot" (64 hex), "files", "bytes"}; integrity error listing missing objects',
 )
 

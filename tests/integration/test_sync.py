@@ -19,9 +19,10 @@ from typing import Any
 import msgpack
 import pytest
 
+from fetchml.cas import delta
 from fetchml.cas.hashing import hash_bytes
-from fetchml.cas.manifest import FORMAT_TAG, FORMAT_VERSION
-from fetchml.errors import BadRequest, IntegrityError
+from fetchml.cas.manifest import FORMAT_TAG, FORMAT_VERSION, ManifestEntry, SnapshotManifest
+from fetchml.errors import BadRequest, IntegrityError, NotFound
 from tests.conftest import DaemonProcess, make_daemon
 
 OID = hash_bytes(b"not stored anywhere")
@@ -340,3 +341,35 @@ def test_an_object_deleted_by_hand_is_uploaded_again(
     assert (again["sent_files"], again["sent_bytes"]) == (1, len(content))
     checked = daemon.cli("fsck", "--json")
     assert checked.returncode == 0 and json.loads(checked.stdout)["problems"] == []
+
+
+def test_snapshot_put_as_changes_to_a_stored_base(daemon: DaemonProcess) -> None:
+    def file(path: str, data: bytes) -> ManifestEntry:
+        return ManifestEntry.file(path, hash_bytes(data), len(data))
+
+    contents = {f"src/m{i}.py": f"print({i})\n".encode() for i in range(50)}
+    with daemon.connect() as conn:
+        conn.call("cas.put", {"blobs": [{"oid": hash_bytes(d), "size": len(d), "offset": 0,
+                                         "data": d} for d in [*contents.values(), b"edited\n"]]})
+        base = SnapshotManifest([file(p, d) for p, d in contents.items()])
+        base_id = conn.call("snapshot.put", {"manifest": base.encode()})["snapshot"]
+        edited = SnapshotManifest([file(p, b"edited\n" if p == "src/m7.py" else d)
+                                   for p, d in contents.items() if p != "src/m9.py"])
+        upsert, remove = delta.diff(base, edited)
+        assert len(upsert) == 1 and remove == ["src/m9.py"]
+        args = {"base": base_id, "upsert": upsert, "remove": remove,
+                "expect": edited.snapshot_id}
+        result = conn.call("snapshot.put", args)
+        assert result == {"snapshot": edited.snapshot_id, "files": 49,
+                          "bytes": edited.total_bytes}
+        got = conn.call("snapshot.get", {"snapshot": edited.snapshot_id})["manifest"]
+        assert got == edited.encode()
+        with pytest.raises(BadRequest, match="expected"):
+            conn.call("snapshot.put", {**args, "expect": "0" * 64})
+        with pytest.raises(NotFound, match="base snapshot"):
+            conn.call("snapshot.put", {**args, "base": "1" * 64})
+        with pytest.raises(BadRequest, match="under"):
+            conn.call("snapshot.put", {"base": base_id, "remove": [],
+                                       "upsert": [delta.entry_row(file("src/m1.py/x", b"e"))]})
+    with daemon.connect() as fresh:  # another connection: the base is read from the store
+        assert fresh.call("snapshot.put", args)["snapshot"] == edited.snapshot_id

@@ -7,18 +7,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fetchml.cas import gc
+from fetchml.cas import delta, gc
 from fetchml.cas.gc_pause import gc_paused
 from fetchml.cas.hashing import hash_bytes, is_oid
 from fetchml.cas.manifest import ManifestSummary, SnapshotManifest, summarize_validated
 from fetchml.cas.objects import ObjectStore, PendingObject
 from fetchml.daemon.handlers import Call, handles
-from fetchml.errors import BadRequest, IntegrityError, TooLarge
+from fetchml.errors import BadRequest, IntegrityError, NotFound, TooLarge
 from fetchml.protocol import CHUNK_BYTES
 
 UPLOADS_KEY = "cas.uploads"
 # Session state: the manifest this connection last sent and was refused for missing objects.
 VALIDATED_KEY = "cas.validated"
+# The manifest this connection stored last (the base its next delta will likely name), and the
+# one being stored now.
+LAST_MANIFEST_KEY = "cas.last_manifest"
+PENDING_MANIFEST_KEY = "cas.pending_manifest"
 # How many missing oids a refused snapshot.put lists (a client uploads exactly those).
 MISSING_LISTED = 10_000
 # Upper bound on a single object; a sync refuses bigger files long before this.
@@ -151,7 +155,9 @@ def _summary(call: Call, data: bytes, snapshot: str) -> tuple[ManifestSummary, b
     summary = validated.get(snapshot)
     if summary is None:
         with gc_paused():
-            summary = SnapshotManifest.decode(data).summary()
+            manifest = SnapshotManifest.decode(data)
+            summary = manifest.summary()
+        call.session.state[PENDING_MANIFEST_KEY] = (snapshot, manifest)
         # A client retries the same manifest once it has uploaded what was missing.
         validated.clear()
         validated[snapshot] = summary
@@ -174,11 +180,55 @@ def _put_snapshot(call: Call, data: bytes) -> _PutOutcome:
     return _PutOutcome(snapshot, summary, [])
 
 
+def _apply_delta(call: Call) -> bytes:
+    """The encoded manifest the base snapshot plus the changes give (validated changes)."""
+    args = call.args
+    base_id = args["base"]
+    cached = call.session.state.get(LAST_MANIFEST_KEY)
+    if cached is not None and cached[0] == base_id:
+        base = cached[1]
+    else:
+        if not is_oid(base_id) or not call.core.snapshots.contains(base_id):
+            raise NotFound(f"base snapshot {base_id[:12]} is not stored; send the whole "
+                           "manifest")
+        base = delta.load_stored(call.core.snapshots.read_bytes(base_id))
+    with gc_paused():
+        manifest = delta.apply(base, args["upsert"] or [], args["remove"] or [])
+        data = manifest.encode()
+    snapshot = hash_bytes(data)
+    if args["expect"] is not None and args["expect"] != snapshot:
+        raise BadRequest("the changes do not give the snapshot the client expected; send the "
+                         "whole manifest")
+    validated: dict[str, ManifestSummary] = call.session.state.setdefault(VALIDATED_KEY, {})
+    validated.clear()
+    validated[snapshot] = manifest.summary()
+    call.session.state[PENDING_MANIFEST_KEY] = (snapshot, manifest)
+    return data
+
+
+def _manifest_bytes(call: Call) -> bytes:
+    if call.args["manifest"] is not None:
+        if call.args["base"] is not None:
+            raise BadRequest("send either a whole manifest or a base and changes, not both")
+        return bytes(call.args["manifest"])
+    if call.args["base"] is None:
+        raise BadRequest("snapshot.put needs a manifest, or a base snapshot and changes")
+    return _apply_delta(call)
+
+
+def _remember(call: Call, snapshot: str) -> None:
+    """Keep the manifest just stored, as the likely base of this connection's next delta."""
+    pending = call.session.state.pop(PENDING_MANIFEST_KEY, None)
+    if pending is not None and pending[0] == snapshot:
+        call.session.state[LAST_MANIFEST_KEY] = pending
+
+
 @handles("snapshot.put")
 async def snapshot_put(call: Call) -> dict[str, Any]:
     call.require("cas:write")
     async with call.core.gc_guard():
-        outcome = await asyncio.to_thread(_put_snapshot, call, call.args["manifest"])
+        data = await asyncio.to_thread(_manifest_bytes, call)
+        outcome = await asyncio.to_thread(_put_snapshot, call, data)
         missing = outcome.missing
         if missing:
             absent = set(missing)
@@ -192,6 +242,7 @@ async def snapshot_put(call: Call) -> dict[str, Any]:
             "upload them before the manifest, or run the sync again",
             details={"missing": missing[:MISSING_LISTED], "missing_count": len(missing)},
         )
+    _remember(call, outcome.snapshot)
     summary = outcome.summary
     return {"snapshot": outcome.snapshot, "files": summary.files, "bytes": summary.bytes}
 
