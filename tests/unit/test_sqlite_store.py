@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sqlite3
@@ -51,10 +52,18 @@ async def test_the_database_is_durable_and_private(tmp_path: Path) -> None:
     path = tmp_path / "state" / "jobs.db"  # the directory does not exist yet
     async with SqliteJobStore(path, busy_timeout=2.5) as store:
         writer, reader = store._writer_db, store._reader_db
-        for db in (writer, reader):
-            assert await pragma(db, "synchronous") == 2  # FULL: a commit is fsynced
-            assert await pragma(db, "busy_timeout") == 2500
-        assert await pragma(writer, "foreign_keys") == 1
+        assert writer is not None and store._writer_thread is not None
+        loop = asyncio.get_running_loop()
+
+        async def writer_pragma(name: str) -> Any:
+            run = functools.partial(lambda n: writer.execute(f"PRAGMA {n}").fetchone()[0], name)
+            return await loop.run_in_executor(store._writer_thread, run)
+
+        assert await writer_pragma("synchronous") == 2  # FULL: a commit is fsynced
+        assert await writer_pragma("busy_timeout") == 2500
+        assert await writer_pragma("foreign_keys") == 1
+        assert await pragma(reader, "synchronous") == 2
+        assert await pragma(reader, "busy_timeout") == 2500
         assert await pragma(reader, "query_only") == 1
     with sqlite3.connect(path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

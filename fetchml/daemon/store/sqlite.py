@@ -14,7 +14,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -111,60 +112,72 @@ def _placeholders(count: int) -> str:
 
 
 class _SqliteTransaction(JobTransaction):
-    """The writer connection, inside the batch's transaction and one write's SAVEPOINT."""
+    """The writer connection, inside the batch's transaction and one write's SAVEPOINT.
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    Its methods are coroutines only to fit the shared state machine: they run plain
+    ``sqlite3`` calls in the writer thread and never suspend (see ``_drive``)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
     async def get(self, job_id: int) -> Job | None:
-        rows = list(await self._db.execute_fetchall(f"{SELECT_JOB} WHERE id = ?", (job_id,)))
-        return row_to_job(rows[0]) if rows else None
+        row = self._db.execute(f"{SELECT_JOB} WHERE id = ?", (job_id,)).fetchone()
+        return row_to_job(row) if row else None
 
     async def get_many(self, job_ids: Collection[int]) -> dict[int, Job]:
         found: dict[int, Job] = {}
         for chunk in _chunks(job_ids):
             sql = f"{SELECT_JOB} WHERE id IN ({_placeholders(len(chunk))})"
-            found.update(
-                (row[0], row_to_job(row)) for row in await self._db.execute_fetchall(sql, chunk)
-            )
+            found.update((row[0], row_to_job(row)) for row in self._db.execute(sql, chunk))
         return found
 
     async def next_id(self) -> int:
         sql = "SELECT seq FROM sqlite_sequence WHERE name = 'jobs'"
-        rows = list(await self._db.execute_fetchall(sql))
-        return (int(rows[0][0]) if rows else 0) + 1
+        row = self._db.execute(sql).fetchone()
+        return (int(row[0]) if row else 0) + 1
 
     async def insert(self, jobs: Sequence[Job]) -> None:
         if jobs:
-            await self._db.executemany(INSERT_JOB, [job_to_row(job) for job in jobs])
+            self._db.executemany(INSERT_JOB, [job_to_row(job) for job in jobs])
 
     async def update(self, job: Job) -> None:
-        await self._db.execute(UPDATE_JOB, update_params(job))
+        self._db.execute(UPDATE_JOB, update_params(job))
 
     async def delete(self, job_ids: Collection[int]) -> None:
         if job_ids:
-            await self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
 
     async def add_waits(self, waits: Collection[tuple[int, int]]) -> None:
         if waits:
             sql = "INSERT INTO job_waits (job_id, after_id) VALUES (?, ?)"
-            await self._db.executemany(sql, sorted(waits))
+            self._db.executemany(sql, sorted(waits))
 
     async def take_waiters(self, after_id: int) -> list[int]:
         sql = "DELETE FROM job_waits WHERE after_id = ? RETURNING job_id"
-        return sorted(row[0] for row in await self._db.execute_fetchall(sql, (after_id,)))
+        return sorted(row[0] for row in self._db.execute(sql, (after_id,)).fetchall())
 
     async def is_waiting(self, job_id: int) -> bool:
         sql = "SELECT 1 FROM job_waits WHERE job_id = ? LIMIT 1"
-        return bool(list(await self._db.execute_fetchall(sql, (job_id,))))
+        return self._db.execute(sql, (job_id,)).fetchone() is not None
 
     async def clear_waits(self, job_id: int) -> None:
-        await self._db.execute("DELETE FROM job_waits WHERE job_id = ?", (job_id,))
+        self._db.execute("DELETE FROM job_waits WHERE job_id = ?", (job_id,))
+
+
+def _drive(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (a transition over ``_SqliteTransaction``) to its
+    result, synchronously, in the calling thread."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise InternalError("a job store transition waited on something; it must not")
 
 
 @dataclass
 class _PendingWrite(Generic[T]):
-    work: Callable[[JobTransaction], Awaitable[T]]
+    work: Callable[[JobTransaction], Coroutine[Any, Any, T]]
     future: asyncio.Future[T]
 
 
@@ -174,7 +187,10 @@ class SqliteJobStore(JobStore):
     def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = path
         self._busy_timeout_ms = int(busy_timeout * 1000)
-        self._writer_db: aiosqlite.Connection | None = None
+        # The writer is a plain sqlite3 connection owned by one thread: a whole batch of
+        # writes (BEGIN .. COMMIT) runs there in one hop, instead of a hop per statement.
+        self._writer_db: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_PendingWrite[Any] | None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -203,25 +219,39 @@ class SqliteJobStore(JobStore):
                     log.warning(
                         "the job database %s cannot use WAL; writes will be slower", self.path
                     )
-                await writer.execute("PRAGMA foreign_keys = ON")
                 await migrate(writer, self.path)
-                reader = await aiosqlite.connect(self.path, isolation_level=None)
-            except BaseException:
+            finally:
                 await writer.close()
-                raise
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 await self._configure(reader)
                 await reader.execute("PRAGMA query_only = ON")
             except BaseException:
                 await reader.close()
-                await writer.close()
                 raise
-        self._writer_db, self._reader_db = writer, reader
+        thread = ThreadPoolExecutor(1, thread_name_prefix="fetchml-job-store")
+        try:
+            self._writer_db = await asyncio.get_running_loop().run_in_executor(
+                thread, self._connect_writer)
+        except BaseException as exc:
+            thread.shutdown()
+            await reader.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc, self.path) from exc
+            raise
+        self._writer_thread, self._reader_db = thread, reader
         self.transactions_committed = 0
         self._queue = queue = asyncio.Queue[_PendingWrite[Any] | None]()
         self._writer_task = asyncio.create_task(
-            self._run_writer(writer, queue), name="job store writer"
+            self._run_writer(self._writer_db, queue), name="job store writer"
         )
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        db.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
 
     async def _configure(self, db: aiosqlite.Connection) -> None:
         await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
@@ -235,15 +265,19 @@ class SqliteJobStore(JobStore):
                 await task
             except Exception:
                 log.exception("the job store's writer failed")
-        for db in (self._reader_db, self._writer_db):
-            if db is not None:
-                with _sqlite_errors(self.path):
-                    await db.close()
-        self._reader_db = self._writer_db = None
+        writer, thread = self._writer_db, self._writer_thread
+        if writer is not None and thread is not None:
+            with _sqlite_errors(self.path):
+                await asyncio.get_running_loop().run_in_executor(thread, writer.close)
+            thread.shutdown()
+        if self._reader_db is not None:
+            with _sqlite_errors(self.path):
+                await self._reader_db.close()
+        self._reader_db = self._writer_db = self._writer_thread = None
 
     # --- writes ------------------------------------------------------------------------------
 
-    async def _write(self, work: Callable[[JobTransaction], Awaitable[T]]) -> T:
+    async def _write(self, work: Callable[[JobTransaction], Coroutine[Any, Any, T]]) -> T:
         if self._writer_task is None or self._queue is None:
             raise Unavailable("the job store is closed; open it before using it")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -251,7 +285,7 @@ class SqliteJobStore(JobStore):
         return await future
 
     async def _run_writer(
-        self, db: aiosqlite.Connection, queue: asyncio.Queue[_PendingWrite[Any] | None]
+        self, db: sqlite3.Connection, queue: asyncio.Queue[_PendingWrite[Any] | None]
     ) -> None:
         stopping = False
         while not stopping:
@@ -267,43 +301,57 @@ class SqliteJobStore(JobStore):
                 batch.append(pending)
             await self._commit(db, [w for w in batch if not w.future.done()])
 
-    async def _commit(self, db: aiosqlite.Connection, batch: list[_PendingWrite[Any]]) -> None:
-        """Run ``batch`` in one transaction, then deliver each write's outcome."""
+    async def _commit(self, db: sqlite3.Connection, batch: list[_PendingWrite[Any]]) -> None:
+        """Run ``batch`` in one transaction (in the writer thread), then deliver outcomes."""
         if not batch:
             return
-        tx = _SqliteTransaction(db)
-        outcomes: list[tuple[_PendingWrite[Any], Any, BaseException | None]] = []
+        assert self._writer_thread is not None
+        loop = asyncio.get_running_loop()
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                await db.execute("SAVEPOINT write")
-                try:
-                    value = await write.work(tx)
-                except Exception as exc:
-                    await db.execute("ROLLBACK TO write")
-                    await db.execute("RELEASE write")
-                    outcomes.append((write, None, _as_fetchml_error(exc, self.path)))
-                else:
-                    await db.execute("RELEASE write")
-                    outcomes.append((write, value, None))
-            await db.execute("COMMIT")
+            outcomes = await loop.run_in_executor(self._writer_thread, self._commit_batch, db,
+                                                  [write.work for write in batch])
         except Exception as exc:
             failure = _as_fetchml_error(exc, self.path)
             log.warning("a job store transaction of %d writes failed: %s", len(batch), failure)
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
             for write in batch:
                 if not write.future.done():
                     write.future.set_exception(failure)
             return
         self.transactions_committed += 1
-        for write, value, error in outcomes:
+        for write, (value, error) in zip(batch, outcomes, strict=True):
             if write.future.done():
                 continue
             if error is None:
                 write.future.set_result(value)
             else:
-                write.future.set_exception(error)
+                write.future.set_exception(_as_fetchml_error(error, self.path))
+
+    @staticmethod
+    def _commit_batch(db: sqlite3.Connection,
+                      works: list[Callable[[JobTransaction], Coroutine[Any, Any, Any]]]
+                      ) -> list[tuple[Any, Exception | None]]:
+        """BEGIN IMMEDIATE, each write in its own SAVEPOINT, COMMIT (runs in the thread)."""
+        tx = _SqliteTransaction(db)
+        outcomes: list[tuple[Any, Exception | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for work in works:
+                db.execute("SAVEPOINT write")
+                try:
+                    value = _drive(work(tx))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO write")
+                    db.execute("RELEASE write")
+                    outcomes.append((None, exc))
+                else:
+                    db.execute("RELEASE write")
+                    outcomes.append((value, None))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
 
     async def submit(self, specs: Sequence[JobSpec], now: float) -> list[Job]:
         specs = list(specs)
