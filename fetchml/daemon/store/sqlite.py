@@ -14,8 +14,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
