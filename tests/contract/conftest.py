@@ -55,6 +55,14 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactor
     return IMPLEMENTATIONS[request.param](tmp_path)
 
 
+@pytest.fixture(params=["redis", "sqlite"])
+def durable_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """Only the implementations that keep their data once closed."""
+    if request.param == "redis":
+        return _redis(tmp_path, request.getfixturevalue("redis_server"))
+    return IMPLEMENTATIONS[request.param](tmp_path)
+
+
 @pytest.fixture
 def persistent(store_factory: StoreFactory) -> bool:
     return store_factory.persistent

@@ -21,6 +21,7 @@ from fetchml.daemon.store import (
     Resources,
 )
 from fetchml.errors import BadRequest, Conflict, NotFound, Unavailable
+from tests.contract.conftest import StoreFactory
 
 SNAPSHOT = "0123456789abcdef" * 4
 HOST = "gpu-box-1"
@@ -578,11 +579,10 @@ async def test_fifty_concurrent_submits_get_distinct_ids_and_are_kept(
             await store.close()
 
 
-async def test_reopening_keeps_everything(
-    store: JobStore, make_store: Callable[[], JobStore], persistent: bool
-) -> None:
-    if not persistent:
-        pytest.skip("this store keeps nothing once closed")
+async def test_reopening_keeps_everything(durable_factory: StoreFactory) -> None:
+    assert durable_factory.persistent
+    store, make_store = durable_factory.make(), durable_factory.make
+    await store.open()
     root = await submit_one(store, max_attempts=2)
     held = await submit_one(store, after=(root.id,))
     asked = await store.cancel(
