@@ -43,7 +43,9 @@ INDEX_FILE_SUFFIX = ".idx"  # output.log -> output.idx
 DEFAULT_LOG = "output.log"
 DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, like systemd's default
 DEFAULT_UMASK = 0o022
-REASONS = frozenset({"exited", "timeout", "cancelled", "spawn_failed"})
+REASONS = frozenset({"exited", "timeout", "cancelled", "spawn_failed", "limit"})
+# Which limit stopped a job whose reason is "limit".
+LIMITS = frozenset({"memory", "processes", "log", "output"})
 # psutil adds the boot time, read in whole seconds from /proc/stat, to a process's start tick;
 # that boot time moves by a second when the wall clock is stepped or slewed across a second,
 # so two readings of one process may differ by 1 s. No pid is reused within 1.5 s anyway.
@@ -74,6 +76,17 @@ class RunSpec:
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # name -> (soft, hard)
     cpu_affinity: tuple[int, ...] | None = None
     umask: int = DEFAULT_UMASK
+    # Limits the supervisor enforces (None: unlimited). The job joins each cgroup directory
+    # before exec; memory and processes are enforced there when a cgroup holds them.
+    cgroups: tuple[str, ...] = ()
+    memory_limit: int | None = None  # bytes
+    max_processes: int | None = None
+    max_log_bytes: int | None = None
+    max_output_bytes: int | None = None
+    output_dir: str | None = None  # absolute: the directory max_output_bytes bounds
+    # The first levels of the job's tree that are a sandbox's own processes (bwrap and its
+    # pid 1): they die with everything under them, so SIGTERM goes only to what they run.
+    wrapper_depth: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -124,6 +137,19 @@ class RunSpec:
             and 0 <= self.umask <= 0o777,
             "umask must be an integer between 0 and 0o777",
         )
+        _check(all(isinstance(c, str) and os.path.isabs(c) for c in self.cgroups),
+               "cgroups must be a list of absolute cgroup directories")
+        for key in ("memory_limit", "max_processes", "max_log_bytes", "max_output_bytes"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                     and value > 0), f"{key} must be a positive integer or null")
+        _check(self.output_dir is None
+               or (isinstance(self.output_dir, str) and os.path.isabs(self.output_dir)),
+               "output_dir must be an absolute path or null")
+        _check(self.max_output_bytes is None or self.output_dir is not None,
+               "max_output_bytes needs output_dir")
+        _check(isinstance(self.wrapper_depth, int) and not isinstance(self.wrapper_depth, bool)
+               and 0 <= self.wrapper_depth <= 8, "wrapper_depth must be an integer from 0 to 8")
 
     def resource_limits(self) -> list[tuple[int, int, int]]:
         """(resource constant, soft, hard) for ``resource.setrlimit``."""
@@ -141,6 +167,13 @@ class RunSpec:
             "rlimits": {name: list(limits) for name, limits in self.rlimits.items()},
             "cpu_affinity": None if self.cpu_affinity is None else list(self.cpu_affinity),
             "umask": self.umask,
+            "cgroups": list(self.cgroups),
+            "memory_limit": self.memory_limit,
+            "max_processes": self.max_processes,
+            "max_log_bytes": self.max_log_bytes,
+            "max_output_bytes": self.max_output_bytes,
+            "output_dir": self.output_dir,
+            "wrapper_depth": self.wrapper_depth,
         }
 
     @classmethod
@@ -160,7 +193,7 @@ class RunSpec:
         if kwargs.get("timeout") is not None:
             _check(_is_number(kwargs["timeout"]), "timeout must be a number of seconds or null")
             kwargs["timeout"] = float(kwargs["timeout"])
-        for key in ("kill_grace", "umask", "log"):  # null means the default
+        for key in ("kill_grace", "umask", "log", "cgroups", "wrapper_depth"):  # null: default
             if key in kwargs and kwargs[key] is None:
                 del kwargs[key]
         rlimits = kwargs.get("rlimits") or {}
@@ -170,6 +203,9 @@ class RunSpec:
         if affinity is not None:
             _check(isinstance(affinity, list), "cpu_affinity must be null or a list of CPUs")
             kwargs["cpu_affinity"] = tuple(affinity)
+        if "cgroups" in kwargs:
+            _check(isinstance(kwargs["cgroups"], list), "cgroups must be a list of directories")
+            kwargs["cgroups"] = tuple(kwargs["cgroups"])
         return cls(**kwargs)
 
 
@@ -216,6 +252,7 @@ class RunStatus:
     finished_at: float
     peak_rss: int  # bytes
     cpu_time: float  # seconds, user + system, whole tree
+    limit: str | None = None  # one of LIMITS when reason is "limit"; error then says more
 
     @classmethod
     def from_dict(cls, data: object) -> RunStatus:
@@ -232,6 +269,8 @@ class RunStatus:
             _check(_is_number(data.get(key)), f"{key} must be a number")
         peak = data.get("peak_rss")
         _check(isinstance(peak, int) and not isinstance(peak, bool), "peak_rss must be an integer")
+        _check(data.get("limit") is None or data.get("limit") in LIMITS,
+               f"limit must be one of {sorted(LIMITS)} or null")
         return cls(
             exit_code=data["exit_code"],
             signal=data["signal"],
@@ -241,6 +280,7 @@ class RunStatus:
             finished_at=float(data["finished_at"]),
             peak_rss=data["peak_rss"],
             cpu_time=float(data["cpu_time"]),
+            limit=data.get("limit"),
         )
 
     def to_dict(self) -> dict[str, Any]:

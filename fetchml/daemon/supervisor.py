@@ -4,8 +4,9 @@ It lives in its own session, outside the daemon, so a daemon restart or crash ne
 running job. It spawns the job in a session of its own, samples the log size into
 ``output.idx`` and the tree's memory and CPU, turns SIGTERM (cancel) and the timeout into
 TERM-grace-KILL of the whole process tree, and writes ``status.json`` last, once no process of
-the job is left. Being a child subreaper, it also adopts descendants that escape with setsid or
-a double fork, so it can find them, kill them and reap them.
+the job is left. It stops a job that goes over one of its limits (``limits.py``) and says
+which one in the status. Being a child subreaper, it also adopts descendants that escape with
+setsid or a double fork, so it can find them, kill them and reap them.
 
 Only the standard library and psutil: the launcher forks one supervisor per job from a small
 interpreter, and every module imported here makes each fork dearer.
@@ -25,13 +26,20 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn
 
 import psutil
 
+from fetchml.daemon.jobspawn import SpawnFailure, exec_failure, find_executable, spawn_job
+from fetchml.daemon.jobspawn import read_to_end as read_to_end  # the launcher's too
+from fetchml.daemon.limits import (
+    LIMIT_CHECK_INTERVAL,
+    Breach,
+    LimitWatch,
+    remove_cgroups,
+    sandbox_wrappers,
+)
 from fetchml.daemon.processes import (
     INDEX_FILE_SUFFIX,
     SPEC_FILE,
@@ -53,25 +61,11 @@ TREE_SAMPLE_INTERVAL = 0.5  # seconds between two psutil walks of the tree (RSS,
 FIRST_TREE_SAMPLE = 0.05
 KILL_RETRY_INTERVAL = 0.1  # after SIGKILL, send it again this often: a fork may race the kill
 KILL_WAIT_LIMIT = 5.0  # seconds to wait for SIGKILLed processes (D state) before giving up
-EXIT_NOT_EXECUTABLE = 126  # the shell's code for "found but cannot be executed"
-EXIT_COMMAND_NOT_FOUND = 127  # the shell's code for "command not found"
 EXIT_ALREADY_SUPERVISED = 3  # supervisor exit code: another supervisor holds this run directory
 PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
 
 CANCEL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 WAKE_SIGNALS = CANCEL_SIGNALS | {signal.SIGCHLD}
-# Dispositions the job must start with: Python ignores SIGPIPE and SIGXFSZ, the launcher ignores
-# SIGINT, and ignored signals stay ignored across exec.
-JOB_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
-                       signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
-
-
-@dataclass(frozen=True)
-class SpawnFailure:
-    """Why the job's command never ran, and the exit code a shell would have given."""
-
-    error: str
-    exit_code: int | None
 
 
 def run_supervisor(run_dir: Path) -> int:
@@ -105,18 +99,21 @@ def run_supervisor(run_dir: Path) -> int:
         return _finish(run_dir, _failed_status(message, None, started_at))
     if CANCEL_SIGNALS & signal.sigpending():  # cancelled before it started: never start it
         return _finish(run_dir, _unstarted_status("cancelled", None, None, started_at))
-    spawned = _spawn_job(spec, log_fd)
+    spawned = spawn_job(spec, log_fd)
     # Linux starts a child's maxrss at its parent's peak RSS (the image it had before exec),
     # so a child maxrss up to our peak (measured after the exec) says nothing about the job.
     inherited_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if isinstance(spawned, SpawnFailure):
+        remove_cgroups(spec.cgroups)
         return _finish(run_dir, _failed_status(spawned.error, spawned.exit_code, started_at))
     watch = _JobWatch(spec, run_dir, log_fd, spawned, started_at, inherited_rss)
     try:
         write_json_atomic(run_dir / SUPERVISOR_FILE, asdict(watch.info()))
     except OSError as exc:  # the job runs regardless; only re-adoption by a new daemon suffers
         logger.error("cannot write %s: %s", SUPERVISOR_FILE, exc)
-    return _finish(run_dir, watch.run())
+    status = watch.run()
+    remove_cgroups(spec.cgroups)  # every process of the job is reaped by now
+    return _finish(run_dir, status)
 
 
 def warm_up() -> None:
@@ -131,12 +128,12 @@ def warm_up() -> None:
     _become_subreaper()
     spec = RunSpec.from_dict(json.loads(json.dumps({"argv": ["true"], "env": {}, "cwd": "/"})))
     with contextlib.suppress(OSError):
-        _find_executable(spec.argv[0], {"PATH": "/nonexistent"})
+        find_executable(spec.argv[0], {"PATH": "/nonexistent"})
     watch = _JobWatch(spec, Path(os.path.abspath("/")), -1, os.getpid(), 0.0, 0)
     json.dumps(asdict(watch.info()))
     # Not watch._sample_tree(): psutil finds children by reading every process's stat file,
     # milliseconds on a busy host, and trivial jobs end before their first sample anyway.
-    status = _failed_status(_exec_failure(spec.argv[0], errno.ENOENT, "").error, None, 0.0)
+    status = _failed_status(exec_failure(spec.argv[0], errno.ENOENT, "").error, None, 0.0)
     json.dumps(status.to_dict())
 
 
@@ -190,134 +187,9 @@ def _lock(fd: int) -> bool:
     return True
 
 
-def read_to_end(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _open_append(path: Path) -> int:
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.open(path, flags, 0o644)
-
-
-def _spawn_job(spec: RunSpec, log_fd: int) -> int | SpawnFailure:
-    """Start the job in a session of its own; return its pid, or why it did not start.
-
-    cwd, umask and CPU affinity are set on this process around the spawn and inherited, so
-    the common case can use posix_spawn (vfork: a quarter of a fork's cost here). Resource
-    limits must be set in the child alone, so they take the fork path.
-    """
-    if spec.cpu_affinity is not None:  # kept afterwards: the supervisor may share the job's CPUs
-        try:
-            os.sched_setaffinity(0, spec.cpu_affinity)
-        except OSError as exc:
-            return SpawnFailure(f"CPU affinity {list(spec.cpu_affinity)} cannot be applied "
-                                f"({exc.strerror}); name CPUs this host has", None)
-    try:
-        os.chdir(spec.cwd)
-    except OSError as exc:
-        return SpawnFailure(f"working directory cannot be entered: {spec.cwd} "
-                            f"({exc.strerror})", None)
-    old_umask = os.umask(spec.umask)
-    try:
-        executable = _find_executable(spec.argv[0], spec.env)
-        if spec.rlimits:
-            return _fork_exec(spec, executable, log_fd)
-        return os.posix_spawn(
-            executable,
-            list(spec.argv),
-            spec.env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
-            setsigmask=(),
-            setsigdef=JOB_DEFAULT_SIGNALS,
-        )
-    except OSError as exc:
-        return _exec_failure(spec.argv[0], exc.errno or 0, exc.strerror or str(exc))
-    finally:
-        os.umask(old_umask)
-        os.chdir("/")
-
-
-def _find_executable(command: str, env: Mapping[str, str]) -> str:
-    """Search the job's PATH like execvp: the first executable file, else the first file."""
-    if "/" in command:
-        return command
-    found: str | None = None
-    for directory in os.get_exec_path(dict(env)):
-        candidate = os.path.join(directory, command)
-        if os.path.isfile(candidate):
-            if os.access(candidate, os.X_OK):
-                return candidate
-            found = found or candidate
-    if found is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
-    return found  # exec fails with EACCES, as a shell would report
-
-
-def _fork_exec(spec: RunSpec, executable: str, log_fd: int) -> int | SpawnFailure:
-    report_r, report_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(report_r)
-        os.close(report_w)
-        raise
-    if pid == 0:
-        os.close(report_r)
-        _exec_limited(spec, executable, log_fd, report_w)
-    os.close(report_w)
-    report = read_to_end(report_r)
-    os.close(report_r)
-    if not report:
-        return pid
-    os.waitpid(pid, 0)
-    stage, code_text, detail = [*report.decode(errors="replace").split("\0", 2), "", ""][:3]
-    code = int(code_text) if code_text.isdigit() else 0
-    if stage == "rlimit":
-        return SpawnFailure(f"resource limits cannot be applied ({detail}); keep them within "
-                            "the daemon's own hard limits", None)
-    return _exec_failure(spec.argv[0], code, os.strerror(code) if code else detail)
-
-
-def _exec_limited(spec: RunSpec, executable: str, log_fd: int, report_fd: int) -> NoReturn:
-    """In the forked child: new session, default signals, limits, stdio, exec; or report."""
-    stage = "setup"
-    try:
-        os.setsid()
-        for sig in JOB_DEFAULT_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        stage = "rlimit"
-        for limit, soft, hard in spec.resource_limits():
-            resource.setrlimit(limit, (soft, hard))
-        stage = "exec"
-        stdin_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(stdin_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.execve(executable, list(spec.argv), spec.env)  # noqa: S606 -- argv, never a shell
-    except BaseException as exc:
-        code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
-        with contextlib.suppress(OSError):
-            os.write(report_fd, f"{stage}\0{code}\0{exc}".encode(errors="replace"))
-    os._exit(EXIT_COMMAND_NOT_FOUND)
-
-
-def _exec_failure(command: str, code: int, reason: str) -> SpawnFailure:
-    if code in (errno.EAGAIN, errno.ENOMEM):
-        return SpawnFailure(f"the job could not be started ({reason}); the host is short of "
-                            "processes or memory", None)
-    if code in (errno.ENOENT, errno.ENOTDIR):
-        where = "" if "/" in command else " (searched the PATH of the job's environment)"
-        return SpawnFailure(f"command not found: {command}{where}", EXIT_COMMAND_NOT_FOUND)
-    return SpawnFailure(f"command cannot be executed: {command} ({reason})", EXIT_NOT_EXECUTABLE)
 
 
 class _JobWatch:
@@ -336,6 +208,8 @@ class _JobWatch:
         self.started_at = started_at
         self.reason = "exited"
         self.error: str | None = None
+        self.limit: str | None = None
+        self.limits = LimitWatch(spec, log_fd, run_dir / spec.log)
         self.job_wait_status: int | None = None
         self.job_finished_at: float | None = None
         self.peak_rss = 0
@@ -360,6 +234,7 @@ class _JobWatch:
         next_sample = now + sample_gap
         kill_at = math.inf  # finite once the tree is being terminated: when SIGKILL goes out
         give_up_at = math.inf
+        next_limit_check = now + LIMIT_CHECK_INTERVAL if self.limits.active else math.inf
         while True:
             children_left = self._reap()
             if self.job_wait_status is not None and not children_left:
@@ -370,6 +245,12 @@ class _JobWatch:
             elif kill_at == math.inf and now >= deadline:
                 self.reason = "timeout"
                 kill_at = self._terminate(now)
+            elif kill_at == math.inf and now >= next_limit_check:
+                breach = self.limits.check(now)
+                if breach is not None:
+                    self._record_breach(breach)
+                    kill_at = now if breach.kill_now else self._terminate(now)
+                next_limit_check = now + LIMIT_CHECK_INTERVAL
             if now >= kill_at:
                 self._signal_tree(signal.SIGKILL)
                 give_up_at = min(give_up_at, now + KILL_WAIT_LIMIT)
@@ -387,7 +268,9 @@ class _JobWatch:
                 self._sample_tree()
                 sample_gap = min(sample_gap * 2, TREE_SAMPLE_INTERVAL)
                 next_sample = now + sample_gap
-            wake = min(next_index, next_sample, kill_at, give_up_at, deadline)
+            if kill_at < math.inf:
+                next_limit_check = math.inf
+            wake = min(next_index, next_sample, kill_at, give_up_at, deadline, next_limit_check)
             info = signal.sigtimedwait(WAKE_SIGNALS, max(0.0, wake - time.monotonic()))
             if info is None or info.si_signo not in CANCEL_SIGNALS or kill_at < math.inf:
                 continue
@@ -396,6 +279,10 @@ class _JobWatch:
                 self.reason = "cancelled"
                 kill_at = self._terminate(time.monotonic())
         return self._status()
+
+    def _record_breach(self, breach: Breach) -> None:
+        logger.info("stopping the job: %s", breach.message)
+        self.reason, self.limit, self.error = "limit", breach.limit, breach.message
 
     def _reap(self) -> bool:
         """Reap every exited child; return whether any child is still alive."""
@@ -416,8 +303,9 @@ class _JobWatch:
         return now + self.spec.kill_grace
 
     def _signal_tree(self, *signals: int) -> None:
+        spare_wrappers = signal.SIGKILL not in signals and self.spec.wrapper_depth > 0
         for sig in signals:
-            if self.job_wait_status is None:
+            if self.job_wait_status is None and not spare_wrappers:
                 # Unreaped, the job's pid (= its group id) cannot have been reused.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.job_pid, sig)
@@ -425,10 +313,15 @@ class _JobWatch:
             descendants = self.me.children(recursive=True)
         except psutil.Error:
             descendants = []
+        wrappers = (sandbox_wrappers(self.job_pid, descendants, self.spec.wrapper_depth)
+                    if spare_wrappers else set())
         for process in descendants:  # escaped ones too: they were reparented to us
+            if process.pid in wrappers:
+                continue
             for sig in signals:
                 with contextlib.suppress(psutil.Error):
                     process.send_signal(sig)
+
 
     def _index(self) -> None:
         """Append "<epoch> <log size>" to output.idx when the log grew since the last line."""
@@ -465,6 +358,11 @@ class _JobWatch:
 
     def _status(self) -> RunStatus:
         self._index()
+        if self.reason == "exited" and self.job_wait_status is not None:
+            # It may have hit a limit and ended before the next look: the status says so.
+            breach = self.limits.check_ended(self.job_wait_status)
+            if breach is not None:
+                self._record_breach(breach)
         # Every descendant is reaped by now (by us or a reaped ancestor), so the children's
         # rusage covers the whole tree. ru_maxrss is the largest single process, in KiB.
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -485,6 +383,7 @@ class _JobWatch:
             finished_at=self.job_finished_at or time.time(),
             peak_rss=max(self.peak_rss, largest * 1024),
             cpu_time=round(max(self.cpu_time, reaped.ru_utime + reaped.ru_stime), 6),
+            limit=self.limit,
         )
 
 

@@ -376,6 +376,7 @@ def test_supervisor_info_names_the_supervisor_and_the_job(tmp_path: Path) -> Non
     run_dir = write_spec(tmp_path, ["sh", "-c", "echo $$ > ready; sleep 1000"], kill_grace=0.5)
     supervisor = start_supervisor(run_dir)
     job = read_pid(run_dir / "ready")
+    wait_for(lambda: read_supervisor_info(run_dir) is not None)  # written once the job runs
     info = read_supervisor_info(run_dir)
     assert info is not None
     assert (info.pid, info.job_pid, info.job_pgid) == (supervisor.pid, job.pid, job.pid)
@@ -391,6 +392,7 @@ def test_kill_orphaned_job_after_the_supervisor_was_killed(tmp_path: Path) -> No
     run_dir = write_spec(tmp_path, ["sh", "-c", "sleep 1000 & echo $! > background.pid; wait"])
     supervisor = start_supervisor(run_dir)
     background = read_pid(run_dir / "background.pid")
+    wait_for(lambda: read_supervisor_info(run_dir) is not None)
     info = read_supervisor_info(run_dir)
     assert info is not None
     job = psutil.Process(info.job_pid)
