@@ -62,14 +62,15 @@ def expand_grid(argv: list[str], grid: dict[str, list[str]]) -> list[tuple[list[
 def build_jobs(command: list[str], *, name: str | None, priority: int | None,
                cpus: int | None, memory: str | None, gpus: int | None, timeout: str | None,
                retries: int | None, after: tuple[str, ...], env: tuple[str, ...],
-               workdir: str | None, grid: tuple[str, ...],
+               workdir: str | None, grid: tuple[str, ...], dataset: tuple[str, ...] = (),
+               isolation: str | None = None,
                labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
     if not command:
         raise click.UsageError("give the command to run after --, e.g. "
                                "fetchml queue -- python train.py")
     base: dict[str, Any] = {"env": parse_env(env), "after": list(after)}
     for key, value in (("priority", priority), ("cpus", cpus), ("gpus", gpus),
-                       ("retries", retries), ("workdir", workdir)):
+                       ("retries", retries), ("workdir", workdir), ("isolation", isolation)):
         if value is not None:
             base[key] = value
     try:
@@ -81,9 +82,12 @@ def build_jobs(command: list[str], *, name: str | None, priority: int | None,
         raise click.BadParameter(str(exc)) from exc
     if labels:
         base["labels"] = labels
+    if dataset:
+        base["datasets"] = list(dataset)  # resolved by the daemon to exact versions
     jobs = []
     for argv, suffix in expand_grid(command, parse_grid(grid)):
-        job_name = " ".join(filter(None, [name or " ".join(command)[:60], suffix]))
+        # unnamed sweep jobs are named by their own command, so tables tell them apart
+        job_name = " ".join(filter(None, [name, suffix])) if name else " ".join(argv)[:80]
         jobs.append({**base, "argv": argv, "name": job_name})
     return jobs
 
@@ -103,6 +107,11 @@ def queue_options(fn: Any) -> Any:
         click.option("--workdir", help="Directory inside the snapshot to run in."),
         click.option("--grid", multiple=True, metavar="K=V1,V2",
                      help="Sweep: one job per combination, {K} replaced in the command."),
+        click.option("--isolation", type=click.Choice(["none", "bwrap", "podman"]),
+                     help="Run in this sandbox, if the daemon allows it (default: its own)."),
+        click.option("--dataset", multiple=True, metavar="NAME[@V][:MOUNT]",
+                     help="Read a dataset version (default the latest), read-only at "
+                          "$FETCHML_DATA_DIR/NAME or at MOUNT in the workspace."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -62,8 +62,11 @@ def test_grid_queues_the_cartesian_product(daemon4: DaemonProcess, project: Path
                      .read_text().strip() for j in jobs)
     assert outputs == sorted(f"lr={lr} bs={bs}" for lr in ("1e-3", "3e-4")
                              for bs in ("16", "32", "64"))
-    names = {j["name"] for j in jobs}
-    assert any(name.endswith("lr=3e-4 bs=32") for name in names)
+    names = {j["name"] for j in jobs}  # unnamed sweep jobs are named by their own command
+    assert "sh -c echo lr=3e-4 bs=32 > $FETCHML_OUTPUT_DIR/run.txt" in names
+    assert len(names) == 6
+    named = queue(daemon4, project, "--name", "sweep", "--grid", "lr=1,2", "--", "echo", "{lr}")
+    assert {j["name"] for j in named} == {"sweep lr=1", "sweep lr=2"}
     bad = daemon4.cli("queue", "--grid", "lr=1,2", "--", "echo", "no placeholder", cwd=project)
     assert bad.returncode == 2 and "has no {lr}" in bad.stderr
 

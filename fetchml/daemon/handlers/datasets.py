@@ -1,3 +1,113 @@
-"""datasets ops (registered with @handles; see fetchml/protocol/ops_datasets.py)."""
+"""datasets.*: push, list, info and rm of named, versioned data.
+
+Researchers push datasets and use them in jobs; analysts list and inspect them; a version is
+removed by the dataset's owner, the version's pusher, or a role with datasets:delete:all.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fetchml.cas.manifest import summarize_validated
+from fetchml.daemon.dataset_registry import REMOVED, DatasetVersion, owner_of
+from fetchml.daemon.datasets import service
+from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.handlers.jobs import may_see
+from fetchml.errors import Conflict, NotFound, PermissionDenied
+from fetchml.protocol.ops_datasets import parse_ref
+
+JOBS_NAMED = 5  # job ids a refused removal names: enough to act on, short enough to read
+
+
+async def _present(call: Call, name: str) -> list[DatasetVersion]:
+    versions = await service(call.core).registry.versions(name)
+    present = [v for v in versions if v.state != REMOVED]
+    if not present:
+        raise NotFound(f"there is no dataset {name}; `fetchml dataset list` shows them")
+    return present
+
+
+@handles("datasets.push")
+async def datasets_push(call: Call) -> dict[str, Any]:
+    call.require("datasets:write")
+    core, svc = call.core, service(call.core)
+    name = call.args["name"]
+    async with core.gc_guard():  # a collection keeps the snapshot from here on
+        snapshot = await core.resolve_snapshot(call.args["snapshot"])
+        data = await asyncio.to_thread(core.snapshots.read_bytes, snapshot)
+        summary = await asyncio.to_thread(summarize_validated, data)
+        draft = DatasetVersion(name=name, version=0, snapshot=snapshot, files=summary.files,
+                               bytes=summary.bytes, pushed_by=call.identity.user,
+                               pushed_at=time.time(), description=call.args["description"])
+        version, created = await svc.record(draft)
+        core.gc.protect_snapshot(snapshot)  # a collection that began meanwhile keeps it
+    return {**version.to_wire(), "created": created}
+
+
+@handles("datasets.list")
+async def datasets_list(call: Call) -> dict[str, Any]:
+    call.require("datasets:read")
+    by_name: dict[str, list[DatasetVersion]] = {}
+    for version in await service(call.core).registry.all_versions():
+        if version.state != REMOVED:
+            by_name.setdefault(version.name, []).append(version)
+    return {"datasets": [
+        {"name": name, "owner": owner_of(versions), "versions": len(versions),
+         "latest": max(versions, key=lambda v: v.version).to_wire()}
+        for name, versions in sorted(by_name.items())]}
+
+
+@handles("datasets.info")
+async def datasets_info(call: Call) -> dict[str, Any]:
+    call.require("datasets:read")
+    ref = parse_ref(call.args["name"], allow_mount=False)
+    svc = service(call.core)
+    versions = await _present(call, ref.name)
+    owner = owner_of(versions)
+    if ref.version is not None:
+        versions = [v for v in versions if v.version == ref.version]
+        if not versions:
+            raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
+                           f"info {ref.name}` lists its versions")
+    cached = [await asyncio.to_thread(svc.cache.is_cached, v.snapshot) for v in versions]
+    return {"name": ref.name, "owner": owner,
+            "versions": [{**v.to_wire(), "cached": c}
+                         for v, c in zip(versions, cached, strict=True)]}
+
+
+def _refusal(call: Call, versions: Sequence[DatasetVersion], users: Sequence[Any]) -> Conflict:
+    """Names the caller's own jobs only: other users' job ids are not theirs to learn."""
+    visible = [str(job.id) for job in users if may_see(call, job)]
+    what = versions[0].ref if len(versions) == 1 else f"dataset {versions[0].name}"
+    named = f" (yours: {', '.join(visible[:JOBS_NAMED])})" if visible else ""
+    return Conflict(f"{what} is used by {len(users)} held, queued or running jobs{named}; "
+                    "cancel them or wait until they end, then remove it",
+                    details={"jobs": visible, "count": len(users)})
+
+
+@handles("datasets.rm")
+async def datasets_rm(call: Call) -> dict[str, Any]:
+    call.require("datasets:write")
+    ref = parse_ref(call.args["name"], allow_mount=False)
+    svc = service(call.core)
+    versions = await _present(call, ref.name)
+    owner = owner_of(versions)
+    if ref.version is not None:
+        versions = [v for v in versions if v.version == ref.version]
+        if not versions:
+            raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
+                           f"info {ref.name}` lists its versions")
+    user = call.identity.user
+    if user != owner and not call.identity.allows("datasets:delete:all"):
+        foreign = [v for v in versions if v.pushed_by != user]
+        if foreign:
+            raise PermissionDenied(
+                f"user {user} may not remove {foreign[0].ref}: it belongs to {owner} and was "
+                f"pushed by {foreign[0].pushed_by}; ask them or an admin (datasets:delete:all)")
+    users = await svc.remove(versions)
+    if users:
+        raise _refusal(call, versions, users)
+    return {"name": ref.name, "removed": [v.to_wire() | {"state": REMOVED} for v in versions]}

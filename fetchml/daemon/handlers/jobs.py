@@ -12,8 +12,9 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fetchml.cas.paths import validate_path
+from fetchml.daemon import datasets
 from fetchml.daemon.handlers import Call, handles
-from fetchml.daemon.scheduler import never_fits
+from fetchml.daemon.isolation import job_isolation
 from fetchml.daemon.store.base import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -22,7 +23,7 @@ from fetchml.daemon.store.base import (
     JobState,
     Resources,
 )
-from fetchml.errors import BadRequest, NotFound, Unavailable
+from fetchml.errors import BadRequest, Conflict, NotFound, Unavailable
 
 JOB_KEYS = frozenset({"argv", "name", "env", "workdir", "priority", "cpus", "memory", "gpus",
                       "timeout", "retries", "after", "labels", "datasets", "isolation"})
@@ -87,7 +88,22 @@ def _number(value: Any, name: str, kind: type, default: Any) -> Any:
     return value
 
 
-async def _spec(call: Call, raw: dict[str, Any], snapshot: str) -> JobSpec:
+async def _datasets(call: Call, raw: Any, resolved: dict[tuple[str, ...], tuple[str, ...]]
+                    ) -> tuple[str, ...]:
+    """The job's datasets as stored, ``NAME@V[:MOUNT]``; a sweep resolves them once."""
+    if not raw:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw):
+        raise BadRequest("datasets must be a list of NAME[@VERSION][:MOUNT] strings")
+    key = tuple(raw)
+    if key not in resolved:
+        call.require("datasets:read")
+        resolved[key] = await datasets.service(call.core).resolve(key)
+    return resolved[key]
+
+
+async def _spec(call: Call, raw: dict[str, Any], snapshot: str,
+                resolved: dict[tuple[str, ...], tuple[str, ...]]) -> JobSpec:
     unknown = sorted(set(raw) - JOB_KEYS)
     if unknown:
         raise BadRequest(f"unknown job field {unknown[0]!r}; "
@@ -116,7 +132,8 @@ async def _spec(call: Call, raw: dict[str, Any], snapshot: str) -> JobSpec:
                             gpus=_number(raw.get("gpus"), "gpus", int, 0)),
         timeout=_number(raw.get("timeout"), "timeout", float, None),
         max_attempts=retries + 1, after=tuple(after), labels=raw.get("labels") or {},
-        datasets=tuple(raw.get("datasets") or ()), isolation=raw.get("isolation"),
+        datasets=await _datasets(call, raw.get("datasets"), resolved),
+        isolation=job_isolation(call.core.settings, raw.get("isolation")),
     )
 
 
@@ -140,19 +157,33 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
     # resolved here, a collection running now keeps it and everything it names.
     async with core.gc_guard():
         snapshot = await core.resolve_snapshot(call.args["snapshot"])
-        specs = [await _spec(call, raw, snapshot) for raw in raw_jobs]
-        total = core.scheduler.total
+        resolved: dict[tuple[str, ...], tuple[str, ...]] = {}
+        specs = [await _spec(call, raw, snapshot, resolved) for raw in raw_jobs]
         for spec in specs:
-            why = never_fits(spec, total)
+            why = core.never_fits(spec)  # in a cluster: on no host
             if why:
                 raise BadRequest(f"job {spec.name!r} can never start: {why}; ask for less")
         if call.args["supersede"]:
             await _supersede(call, call.args["supersede"])
         jobs = await core.jobs.submit(specs, time.time())
+    if resolved:
+        await _withdraw_if_removed(call, jobs, {d for refs in resolved.values() for d in refs})
     for job in jobs:
         core.publish(job)
     core.scheduler.wake()
     return {"jobs": [job_to_wire(job) for job in jobs]}
+
+
+async def _withdraw_if_removed(call: Call, jobs: Sequence[Job], refs: set[str]) -> None:
+    """A dataset removal that began while these jobs were being stored may not have seen
+    them: look again, and cancel them rather than leave jobs naming a removed version."""
+    gone = await datasets.service(call.core).withdrawn(refs)
+    if not gone:
+        return
+    for job in jobs:
+        await cancel_job(call, job, f"dataset {gone[0]} was removed")
+    raise Conflict(f"dataset {gone[0]} was removed while the jobs were being queued; queue them "
+                   "again with another version")
 
 
 async def _active(call: Call, states: Collection[JobState], owner: str | None, limit: int,

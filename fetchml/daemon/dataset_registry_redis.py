@@ -1,0 +1,141 @@
+"""The dataset registry on Redis, shared by every daemon of a cluster.
+
+Layout under ``fetchml:datasets:``: ``names`` (set of dataset names), ``versions:<name>`` (hash:
+version number -> JSON of the version), ``generation`` (incremented by every change, so a daemon
+re-reads the registry only when someone changed it). Each write is an optimistic transaction:
+the name's hash is WATCHed, read, and rewritten in MULTI/EXEC; a concurrent writer makes EXEC
+fail and the step is retried from fresh reads, so two pushes never get the same number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from fetchml.daemon.dataset_registry import (
+    DatasetRegistry,
+    DatasetVersion,
+    change_state,
+    next_version,
+)
+from fetchml.errors import InternalError, Unavailable
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fetchml:datasets:"
+MAX_RETRIES = 100  # optimistic transactions retried under contention before giving up
+SOCKET_TIMEOUT_S = 5.0  # as the job store: fail fast with `unavailable` rather than hang
+
+Change = Callable[[list[DatasetVersion]], tuple[list[DatasetVersion], Any]]
+
+
+class RedisDatasetRegistry(DatasetRegistry):
+    shared = True
+
+    def __init__(self, url: str, *, prefix: str = PREFIX) -> None:
+        self.url, self.prefix = url, prefix
+        self._redis: aioredis.Redis | None = None
+
+    def _fail(self, exc: Exception) -> Unavailable:
+        return Unavailable(f"the dataset registry in Redis at {self.url} did not answer ({exc}); "
+                           "try again once Redis is back")
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise Unavailable("the dataset registry is closed; the daemon is stopping")
+        return self._redis
+
+    async def open(self) -> None:
+        if self._redis is not None:
+            return
+        try:
+            self._redis = aioredis.Redis.from_url(
+                self.url, socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S, decode_responses=True)
+            await self._redis.ping()
+        except (RedisError, OSError, ValueError) as exc:
+            raise self._fail(exc) from exc
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}versions:{name}"
+
+    @staticmethod
+    def _decode(raw: Mapping[Any, Any]) -> list[DatasetVersion]:
+        return sorted((DatasetVersion.from_json(v) for v in raw.values()),
+                      key=lambda v: v.version)
+
+    async def versions(self, name: str) -> list[DatasetVersion]:
+        try:
+            return self._decode(await self.redis.hgetall(self._key(name)))
+        except (RedisError, OSError) as exc:
+            raise self._fail(exc) from exc
+
+    async def all_versions(self) -> list[DatasetVersion]:
+        try:
+            names = sorted(await self.redis.smembers(self.prefix + "names"))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._key(str(name)))
+                hashes = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._fail(exc) from exc
+        return [v for raw in hashes for v in self._decode(raw)]
+
+    async def generation(self) -> int:
+        try:
+            return int(await self.redis.get(self.prefix + "generation") or 0)
+        except (RedisError, OSError) as exc:
+            raise self._fail(exc) from exc
+
+    async def _write(self, name: str, change: Change) -> Any:
+        key = self._key(name)
+        try:
+            async with self.redis.pipeline(transaction=True) as transaction:
+                pipe: Any = transaction  # redis' pipeline methods are untyped
+                for _ in range(MAX_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        rows, result = change(self._decode(await pipe.hgetall(key)))
+                        pipe.multi()
+                        if rows:
+                            pipe.hset(key, mapping={str(v.version): json.dumps(v.to_wire())
+                                                    for v in rows})
+                            pipe.sadd(self.prefix + "names", name)
+                            pipe.incr(self.prefix + "generation")
+                        await pipe.execute()
+                        return result
+                    except WatchError:
+                        continue
+        except (RedisError, OSError) as exc:
+            raise self._fail(exc) from exc
+        raise InternalError(f"dataset {name} changed {MAX_RETRIES} times while being written; "
+                            "try again")
+
+    async def record(self, draft: DatasetVersion) -> tuple[DatasetVersion, bool]:
+        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
+            version, created = next_version(versions, draft)
+            return ([version] if created else []), (version, created)
+
+        result: tuple[DatasetVersion, bool] = await self._write(draft.name, change)
+        return result
+
+    async def set_state(self, name: str, version: int, state: str, *,
+                        expect: Collection[str]) -> DatasetVersion:
+        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
+            current = next((v for v in versions if v.version == version), None)
+            updated = change_state(current, name, version, state, expect)
+            return [updated], updated
+
+        result: DatasetVersion = await self._write(name, change)
+        return result
