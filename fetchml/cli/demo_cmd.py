@@ -90,6 +90,7 @@ def demo(cli: CliContext, keep: bool) -> None:
         demo.step(f"Follow job {jobs[0]}'s output as it runs", "logs", "-f", jobs[0],
                   cwd=project)
         demo.step("Wait for the whole sweep", "wait", *jobs, cwd=project)
+        demo.step("Compare the sweep's final metrics", "metrics", *jobs, cwd=project)
         demo.step(f"Pull job {jobs[-1]}'s outputs", "pull", jobs[-1],
                   str(workdir / "outputs"), cwd=project)
         click.echo((workdir / "outputs" / "model.json").read_text())

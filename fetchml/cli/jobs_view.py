@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -61,7 +62,30 @@ def table_row(job: dict[str, Any]) -> list[str]:
             gpus, elapsed(job), outcome(job)]
 
 
-def detail_lines(job: dict[str, Any]) -> list[str]:
+LastMetrics = dict[str, tuple[float, float]]  # series name -> its last (step, value)
+METRICS_SHOWN = 8  # metrics listed in a job's details; the rest are counted
+
+
+def last_metrics(entry: dict[str, Any]) -> LastMetrics:
+    """The last point of each series of a ``jobs.metrics`` entry."""
+    return {name: (points[-1][0], points[-1][1])
+            for name, points in sorted(entry["series"].items()) if points}
+
+
+def metrics_json(last: LastMetrics) -> dict[str, dict[str, float | None]]:
+    """``{name: {"step", "value"}}``; a value that is not finite is null."""
+    return {name: {"step": step, "value": value if math.isfinite(value) else None}
+            for name, (step, value) in last.items()}
+
+
+def metrics_line(last: LastMetrics) -> str:
+    shown = [f"{name} {value:.6g}" for name, (_, value) in list(last.items())[:METRICS_SHOWN]]
+    more = len(last) - METRICS_SHOWN
+    step = max(at for at, _ in last.values())
+    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "") + f"  at step {step:g}"
+
+
+def detail_lines(job: dict[str, Any], metrics: LastMetrics | None = None) -> list[str]:
     rows = [
         ("job", f"{job['id']}  {job['name']}"),
         ("state", job["state"] + (f" ({job['reason']})" if job.get("reason") else "")),
@@ -85,6 +109,10 @@ def detail_lines(job: dict[str, Any]) -> list[str]:
         ("cpu time", f"{job['cpu_time']:.2f}s" if job.get("cpu_time") is not None else "-"),
         ("outputs", (job.get("outputs") or "-")[:12]),
     ]
+    if metrics:
+        rows.append(("metrics", metrics_line(metrics)))
+    if job.get("datasets"):
+        rows.insert(5, ("datasets", ", ".join(job["datasets"])))
     if job.get("after"):
         rows.insert(7, ("after", ", ".join(str(a) for a in job["after"])))
     return [f"{key:<12} {value}" for key, value in rows]

@@ -7,7 +7,14 @@ import sys
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
-from fetchml.cli.jobs_view import TABLE_HEADERS, detail_lines, job_json, table_row
+from fetchml.cli.jobs_view import (
+    TABLE_HEADERS,
+    detail_lines,
+    job_json,
+    last_metrics,
+    metrics_json,
+    table_row,
+)
 
 STATES = ["held", "queued", "running", "succeeded", "failed", "cancelled", "lost"]
 
@@ -32,11 +39,15 @@ def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, 
     """Show jobs (active ones and the latest finished), or JOB in detail."""
     conn = cli.connect()
     if job is not None:
-        found = conn.call("jobs.get", {"job": job})
+        # pipelined; max_points 1 is the last point of each series
+        asked = conn.send("jobs.get", {"job": job})
+        metrics = conn.send("jobs.metrics", {"jobs": [job], "max_points": 1})
+        found = asked.result()
+        last = last_metrics(metrics.result()["jobs"][0])
         if cli.as_json:
-            cli.emit_json(job_json(found))
+            cli.emit_json({**job_json(found), "metrics": metrics_json(last)})
         else:
-            cli.say("\n".join(detail_lines(found)))
+            cli.say("\n".join(detail_lines(found, last)))
         return
     args = _list_args(all_users, state, user, limit)
 
