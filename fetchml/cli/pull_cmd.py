@@ -29,6 +29,8 @@ def pull(cli: CliContext, job: str, dest: Path | None) -> None:
     target = dest or cli.cwd / "outputs" / str(found["id"])
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise Conflict(f"{target} already exists and is not empty; choose another destination")
+    # In a cluster the outputs are stored where the job ran: have this daemon fetch them.
+    conn.call("cluster.outputs", {"job": str(found["id"])})
     manifest = download_snapshot(conn, found["outputs"], target)
     summary = {"job": found["id"], "dest": str(target), "snapshot": found["outputs"],
                "files": manifest.file_count, "bytes": manifest.total_bytes}

@@ -21,7 +21,7 @@ from fetchml import __version__
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore
 from fetchml.config import DaemonSettings
-from fetchml.daemon import datasets, isolation, jobmetrics
+from fetchml.daemon import cluster, datasets, isolation, jobmetrics
 from fetchml.daemon.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.handlers import HANDLERS, Call, load_all
@@ -29,11 +29,18 @@ from fetchml.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fetchml.daemon.resources import HostInventory, detect_inventory
 from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate, periodic, prune_jobs
 from fetchml.daemon.runner import Runner
-from fetchml.daemon.scheduler import Capacity, Scheduler
+from fetchml.daemon.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.session import Session
 from fetchml.daemon.store import open_job_store
-from fetchml.daemon.store.base import Job, JobStore
-from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, RateLimited
+from fetchml.daemon.store.base import Job, JobSpec, JobStore
+from fetchml.errors import (
+    BadRequest,
+    FetchmlError,
+    IntegrityError,
+    NotFound,
+    RateLimited,
+    Unavailable,
+)
 from fetchml.protocol import Limits
 
 log = logging.getLogger(__name__)
@@ -67,7 +74,9 @@ class DaemonCore:
         self.gc: GarbageCollector
         self.events = JobEvents()
         self.metrics = DaemonMetrics()
-        self.events.listen(self.metrics.job_changed)
+        self.events.listen(self._observe)
+        self.listen_url: str | None = None  # the TCP listener's URL, set before open()
+        self.cluster: cluster.Cluster | None = None  # with a Redis store
         self.jobs: JobStore = None  # type: ignore[assignment]
         self.runner: Runner = None  # type: ignore[assignment]
         self.scheduler: Scheduler = None  # type: ignore[assignment]
@@ -101,11 +110,16 @@ class DaemonCore:
         self.gc = GarbageCollector(self.objects, self.snapshots, self.jobs, self.pins,
                                    self._sweep_gate)
         self.events.listen(lambda job: self.gc.protect_snapshot(job.snapshot))
+        # first: its runner hook fetches a snapshot from other hosts before anything uses it
+        self.cluster = await cluster.attach(self, self._stack)
         for feature in (isolation, datasets, jobmetrics):  # before any attempt starts
             await feature.attach(self, self._stack)
         await self.runner.open()
-        for job in await self.runner.adopt():
+        adopted = await self.runner.adopt()
+        for job in adopted:
             self.scheduler.started(job)
+        if self.cluster is not None:
+            await self.cluster.stop_orphaned_attempts(adopted)
         await self.scheduler.start()
         self.scheduler.wake()
         if s.retention_older_than is not None:
@@ -137,6 +151,16 @@ class DaemonCore:
 
     def _attempt_ended(self, job_id: int) -> None:
         self.scheduler.ended(job_id)
+
+    def _observe(self, job: Job) -> None:
+        if job.host in (None, self.settings.name):  # other hosts count their own jobs
+            self.metrics.job_changed(job)
+
+    def never_fits(self, spec: JobSpec) -> str | None:
+        """Why ``spec`` could never start here (nor, in a cluster, on any host), or None."""
+        if self.cluster is not None:
+            return self.cluster.never_fits(spec)
+        return never_fits(spec, self.scheduler.total)
 
     @contextlib.asynccontextmanager
     async def gc_guard(self) -> AsyncIterator[None]:
@@ -205,9 +229,13 @@ class DaemonCore:
     async def host_status(self) -> dict[str, Any]:
         """Free resources and job counts (the scheduler fills these in once it runs)."""
         free = self.scheduler.free()
-        counts = await self.jobs.counts()
-        return {"free": {"cpus": free.cpus, "memory": free.memory, "gpus": list(free.gpus)},
-                "jobs": {state.value: n for state, n in counts.items() if n}}
+        status: dict[str, Any] = {"free": {"cpus": free.cpus, "memory": free.memory,
+                                           "gpus": list(free.gpus)}}
+        try:
+            counts = await self.jobs.counts()
+        except Unavailable as exc:  # the host still answers for itself without its store
+            return {**status, "jobs": {}, "store_error": exc.message}
+        return {**status, "jobs": {state.value: n for state, n in counts.items() if n}}
 
     async def handle(self, call: Call) -> Any:
         return await HANDLERS[call.op](call)
@@ -246,7 +274,8 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     core = request.app[DAEMON_CORE]
     knock = _knock(request)
     try:
-        identity = core.auth.admit(knock)
+        peer = core.cluster.admit_peer(knock) if core.cluster is not None else None
+        identity = peer or core.auth.admit(knock)
     except SlowedRefusal as exc:
         log.info("refused connection: %s", exc.message)
         core.metrics.auth_failures.inc()

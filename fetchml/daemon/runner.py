@@ -62,8 +62,9 @@ OUTPUT_MAX_FILE = 1 << 50
 # supervisor handed its run directory locks spec.json within milliseconds.
 ADOPT_GRACE_S = 2.0
 ADOPT_POLL_S = 0.02
-# Tries to record a result while the job database is unavailable (locked, disk full).
-RECORD_TRIES, RECORD_RETRY_S = 5, 1.0
+# While the job store is unavailable (locked, disk full, Redis restarting) a result is retried
+# until it is stored, waiting a little longer each time up to the cap.
+RECORD_RETRY_S, RECORD_RETRY_MAX_S = 0.5, 5.0
 MANIFEST_CACHE = 64  # snapshots kept decoded: sweeps reuse one
 
 
@@ -90,6 +91,9 @@ def result_from_status(job: Job, status: RunStatus, outputs: str | None) -> Atte
     if status.reason == "timeout":
         reason = f"timed out after {job.timeout:g} s"
         return AttemptResult(JobState.FAILED, **common, reason=reason)  # type: ignore[arg-type]
+    if status.reason == "limit":  # the error names the limit: "memory limit 200M exceeded"
+        return AttemptResult(JobState.FAILED, **common,  # type: ignore[arg-type]
+                             reason=status.error or "stopped by a resource limit")
     if status.reason == "spawn_failed":
         return AttemptResult(JobState.FAILED, **common,  # type: ignore[arg-type]
                              reason=status.error or "the command could not be started")
@@ -159,6 +163,7 @@ class Runner:
         self.launcher = SupervisorLauncher()
         self.attempts: dict[int, Attempt] = {}
         self._starting: dict[int, bool] = {}  # job id -> whether a cancel came meanwhile
+        self._settling: set[int] = set()  # attempts ended whose result is being recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._manifests: dict[str, SnapshotManifest] = {}
         self.hooks = hooks or RunnerHooks()
@@ -317,7 +322,8 @@ class Runner:
         # the store together, in one commit.
         await asyncio.sleep(0)
         outputs = None
-        if not _is_empty_dir(run_dir / "outputs"):
+        # Outputs over their limit stay in the run directory: storing them is what it prevents.
+        if status.limit != "output" and not _is_empty_dir(run_dir / "outputs"):
             try:
                 outputs = await asyncio.to_thread(self._ingest_outputs, run_dir / "outputs")
             except (FetchmlError, OSError) as exc:
@@ -336,26 +342,41 @@ class Runner:
     async def _record(self, job: Job, result: AttemptResult, ended: float | None = None) -> None:
         """Store ``result`` for the attempt ``job`` holds (fenced by its attempt number)."""
         updated = None
-        for tries_left in range(RECORD_TRIES - 1, -1, -1):
-            try:
-                updated = await self.store.finish(job.id, job.attempt, result,
-                                                  time.time() if ended is None else ended)
-            except (Conflict, NotFound) as exc:  # fencing: this attempt no longer holds it
-                log.warning("job %d: result of attempt %d rejected: %s", job.id, job.attempt,
-                            exc)
-            except Unavailable as exc:
-                if tries_left:
-                    log.warning("job %d: result not stored yet (%s); retrying", job.id, exc)
-                    await asyncio.sleep(RECORD_RETRY_S)
+        delay = RECORD_RETRY_S
+        try:
+            while True:
+                try:
+                    updated = await self.store.finish(job.id, job.attempt, result,
+                                                      time.time() if ended is None else ended)
+                except (Conflict, NotFound) as exc:  # fencing: this attempt no longer holds it
+                    log.warning("job %d: result of attempt %d rejected: %s", job.id,
+                                job.attempt, exc)
+                    with contextlib.suppress(FetchmlError):
+                        current = await self.store.get(job.id)
+                        if current is not None and current.attempt == job.attempt and (
+                                current.state is not JobState.RUNNING):
+                            updated = current  # an earlier try was stored, its answer lost
+                except Unavailable as exc:
+                    if delay == RECORD_RETRY_S:
+                        log.warning("job %d: result not stored yet (%s); retrying", job.id,
+                                    exc)
+                    await asyncio.sleep(delay)
+                    delay = min(RECORD_RETRY_MAX_S, delay * 2)
                     continue
-                log.error("job %d: result of attempt %d lost: %s", job.id, job.attempt, exc)
-            break
+                break
+        finally:
+            self._settling.discard(job.id)
         if updated is not None:
             self._on_change(updated)
 
     def _ended(self, job_id: int) -> None:
         self.attempts.pop(job_id, None)
+        self._settling.add(job_id)  # until _record, which always follows
         self._on_end(job_id)
+
+    def holds(self, job_id: int) -> bool:
+        """Whether an attempt of ``job_id`` is being started, runs, or is being recorded here."""
+        return job_id in self.attempts or job_id in self._starting or job_id in self._settling
 
     # -- cancel and adoption ----------------------------------------------------------------
     def cancel(self, job_id: int) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.store.base import TERMINAL_STATES, Claim, Job, JobSpec, JobState, JobStore
+from fetchml.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,10 @@ class Scheduler:
         self._order: list[tuple[SortKey, int]] = []  # sorted; may hold stale entries
         self._order_dirty = False
         self._recheck: set[int] = set()  # held jobs whose dependencies changed
+        # Jobs queued again while an attempt of theirs still runs here (another host gave up
+        # on this one): they are schedulable once that attempt is over.
+        self._deferred: dict[int, Job] = {}
+        self._store_down = False  # whether the last pass found the store unavailable
         self._resync_at = 0.0  # monotonic time of the next reload from the store
         self._tasks: set[asyncio.Task[Any]] = set()  # claims and starts in progress
         if events is not None:
@@ -188,6 +193,14 @@ class Scheduler:
     def ended(self, job_id: int) -> None:
         """The attempt running ``job_id`` here is over: its resources are free."""
         self.running.pop(job_id, None)
+        deferred = self._deferred.pop(job_id, None)
+        if deferred is not None:
+            self.note(deferred)
+        self.wake()
+
+    def request_resync(self) -> None:
+        """Reload the queue from the store at the next pass (changes may have been missed)."""
+        self._resync_at = 0.0
         self.wake()
 
     def queued_jobs(self) -> list[Job]:
@@ -206,6 +219,12 @@ class Scheduler:
             return
         if running is not None and job.state is JobState.RUNNING and job.attempt == running.attempt:
             self.running[job.id] = job  # e.g. a cancel was requested
+        if running is not None and job.state in (JobState.QUEUED, JobState.HELD):
+            self._deferred[job.id] = job
+            return
+        deferred = self._deferred.get(job.id)
+        if deferred is not None and change_order(job) > change_order(deferred):
+            del self._deferred[job.id]  # it moved on meanwhile (another host claimed it)
         self._forget(job.id)
         if job.state is JobState.QUEUED:
             self._queued[job.id] = job
@@ -294,8 +313,19 @@ class Scheduler:
             self._wakeup.clear()
             try:
                 claiming = await self._reserve()
+                if self._store_down:
+                    log.info("the job store is back; scheduling resumes")
+                    self._store_down = False
             except asyncio.CancelledError:
                 raise
+            except Unavailable as exc:
+                if not self._store_down:
+                    log.warning("cannot schedule: %s", exc)
+                self._store_down = True
+                self._resync_at = 0.0
+                await asyncio.sleep(RETRY_AFTER_FAILURE_S)
+                self.wake()
+                continue
             except Exception:
                 log.exception("scheduling pass failed; retrying shortly")
                 self._resync_at = 0.0
@@ -368,5 +398,9 @@ class Scheduler:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), Unavailable):  # the store is away; retried by the loop
+            log.warning("%s: %s", task.get_name(), task.exception())
+        else:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())

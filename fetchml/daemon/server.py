@@ -23,6 +23,7 @@ from fetchml.config import DaemonSettings, daemon_socket_path
 from fetchml.daemon import sdnotify
 from fetchml.daemon.app import DAEMON_CORE, DaemonCore, create_app, create_metrics_app
 from fetchml.daemon.auth import check_users, load_roles
+from fetchml.daemon.cluster import advertised_address
 from fetchml.daemon.netpolicy import NetworkPolicy
 from fetchml.errors import ConfigError, Conflict, FetchmlError
 
@@ -164,6 +165,7 @@ def check_settings(settings: DaemonSettings) -> ssl.SSLContext | None:
             )
     roles = load_roles(settings.roles)
     check_users(settings.users, roles)
+    advertised_address(settings.advertise, None)  # a bad URL is a config error, not a crash
     NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies, settings.allowed_origins)
     return context
 
@@ -183,14 +185,17 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         info: dict[str, object] = {"pid": os.getpid(), "socket": str(socket_path)}
         cleanups: list[Callable[[], Awaitable[None]]] = []
+        tcp_sock: socket.socket | None = None
         try:
-            await runner.setup()
-            await web.SockSite(runner, unix).start()
-            if tcp:
+            if tcp:  # bound first: the daemon tells its cluster peers the port it got
                 tcp_sock = bind_tcp_socket(*tcp)
-                await web.SockSite(runner, tcp_sock, ssl_context=context).start()
                 info["url"] = _url("wss" if context else "ws", (tcp[0],
                                    tcp_sock.getsockname()[1])) + "/ws"
+                app[DAEMON_CORE].listen_url = str(info["url"])
+            await runner.setup()
+            await web.SockSite(runner, unix).start()
+            if tcp_sock is not None:
+                await web.SockSite(runner, tcp_sock, ssl_context=context).start()
                 log.info("listening on %s", info["url"])
             if settings.metrics_listen:
                 metrics_runner = web.AppRunner(create_metrics_app(app[DAEMON_CORE]),
@@ -222,6 +227,8 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
                 loop.remove_signal_handler(sig)
             await runner.cleanup()
             unix.close()
+            if tcp_sock is not None:
+                tcp_sock.close()
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(socket_path).st_ino == ours:
                     socket_path.unlink()

@@ -3,13 +3,22 @@
 Every write runs the shared state machine (``transitions``) inside one optimistic Redis
 transaction: the keys it reads are WATCHed, its writes are queued and applied by MULTI/EXEC,
 and a conflicting write by another daemon makes EXEC fail, so the step is retried from fresh
-reads. A claim is therefore a compare-and-set: of two hosts claiming one job, one wins. Each
-committed change is also PUBLISHed (inside the same MULTI) on ``<prefix>events``, so every
-daemon can serve job events, ``logs -f`` and ``wait`` for every job.
+reads. A claim, the one write every host races for, is a single Lua script instead: for
+every claimed job it compares the stored JSON with the one the claim was computed from and,
+only if all still match, sets the running jobs, moves them between the state indexes, records
+which host runs which attempt, renews the claiming host's lease (``host_seen``) and publishes
+the changes, all in one atomic step. Of two hosts claiming one job, exactly one wins.
+
+Each committed step PUBLISHes the jobs it changed on ``<prefix>events``, as one message
+``{"origin", "jobs": [job, ...]}`` (``origin``: the ``RedisJobStore.origin`` of the writer, so
+a daemon can skip its own echoes), so every daemon can serve job events, ``logs -f`` and
+``wait`` for every job.
 
 Layout, under a key prefix (default ``fetchml:``): ``job:<id>`` JSON of the job; ``next_id``;
 ``ids`` (zset of every id); ``state:<state>`` (zset of ids by state); ``owner:<name>`` (zset);
-``waits:<id>`` (set of ``after`` ids not yet succeeded) and ``waiters:<id>`` (the reverse).
+``waits:<id>`` (set of ``after`` ids not yet succeeded) and ``waiters:<id>`` (the reverse);
+``attempt_hosts:<id>`` (hash: attempt number -> host that ran it); ``host_seen`` (hash: host
+-> Redis time of its last heartbeat or claim, "seconds.micros").
 
 Durability follows Redis's persistence: with ``appendonly yes`` and ``appendfsync always`` an
 acknowledged submit is on disk before the reply; with ``appendfsync everysec`` (Redis's
@@ -22,10 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError, WatchError
 
 from fetchml.daemon.store import transitions
@@ -38,20 +50,60 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_RETRIES = 100  # optimistic transactions retried under contention before giving up
 # A Redis that does not answer within this many seconds is treated as unreachable, so that
-# submits fail fast with `unavailable` rather than hang.
-SOCKET_TIMEOUT_S = 5.0
+# submits fail fast with `unavailable` rather than hang. Commands are small: even with
+# appendfsync always one answers in milliseconds.
+SOCKET_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 2.0
+# One quick retry on a fresh connection: after a Redis restart the pooled connections are
+# dead, and the first command on each would fail otherwise. More would only delay `unavailable`.
+COMMAND_RETRY = Retry(ConstantBackoff(0.05), 1)
+HOST_SEEN = "host_seen"
+
+# KEYS: n job keys, state:queued, state:running, host_seen, then n attempt_hosts keys.
+# ARGV: channel, n, the event to publish, then per claim: expected JSON, new JSON, id,
+# attempt, host.
+_CLAIM_LUA = """
+local channel, n = ARGV[1], tonumber(ARGV[2])
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) ~= ARGV[4 + 5 * (i - 1)] then
+    return i
+  end
+end
+local t = redis.call('TIME')
+local seen = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+for i = 1, n do
+  local a = 4 + 5 * (i - 1)
+  local id = ARGV[a + 2]
+  redis.call('SET', KEYS[i], ARGV[a + 1])
+  redis.call('ZREM', KEYS[n + 1], id)
+  redis.call('ZADD', KEYS[n + 2], id, id)
+  redis.call('HSET', KEYS[n + 3 + i], ARGV[a + 3], ARGV[a + 4])
+  redis.call('HSET', KEYS[n + 3], ARGV[a + 4], seen)
+end
+redis.call('PUBLISH', channel, ARGV[3])
+return 0
+"""
+
+
+def event_message(origin: str, jobs_json: Sequence[str]) -> str:
+    """What a committed step publishes: its writer and the stored JSON of the jobs it changed."""
+    return f'{{"origin": {json.dumps(origin)}, "jobs": [{", ".join(jobs_json)}]}}'
 
 
 class _RedisTransaction(JobTransaction):
     """Reads WATCH their keys; writes are collected and applied at commit in MULTI/EXEC."""
 
-    def __init__(self, pipe: Any, prefix: str, first_id: int | None) -> None:
+    def __init__(self, pipe: Any, prefix: str, reserved: range | None, origin: str) -> None:
         self.pipe, self.p = pipe, prefix
-        self.first_id = first_id
+        self.first_id = reserved.start if reserved is not None else None
+        self.reserved = reserved or range(0)  # ids this submit reserved
+        self.origin = origin
         self.originals: dict[int, Job | None] = {}  # as read from Redis
         self.jobs: dict[int, Job | None] = {}  # as this transaction leaves them
-        self.waits: dict[int, set[int]] = {}  # job -> after ids, loaded or changed
-        self.waiters: dict[int, set[int]] = {}  # after -> job ids, loaded or changed
+        self.waits: dict[int, set[int]] = {}  # job -> after ids, as read and changed
+        self.waiters: dict[int, set[int]] = {}  # after -> job ids, as read and changed
+        # ("waits" or "waiters", id) -> (members added, members removed) by this transaction
+        self.deltas: dict[tuple[str, int], tuple[set[int], set[int]]] = {}
 
     def key(self, *parts: object) -> str:
         return self.p + ":".join(str(part) for part in parts)
@@ -93,74 +145,142 @@ class _RedisTransaction(JobTransaction):
             self.jobs[job_id] = None
             await self.clear_waits(job_id)
 
-    async def _set(self, table: dict[int, set[int]], name: str, job_id: int) -> set[int]:
+    async def _set(self, name: str, job_id: int) -> set[int]:
+        """The whole set ``name:job_id`` as this transaction leaves it (read and WATCHed once)."""
+        table = self.waits if name == "waits" else self.waiters
         if job_id not in table:
-            key = self.key(name, job_id)
-            await self.pipe.watch(key)
-            table[job_id] = {int(v) for v in await self.pipe.smembers(key)}
+            members: set[int] = set()
+            if job_id not in self.reserved:  # a reserved id: nothing names it yet
+                key = self.key(name, job_id)
+                await self.pipe.watch(key)
+                members = {int(v) for v in await self.pipe.smembers(key)}
+            added, removed = self.deltas.get((name, job_id), (set(), set()))
+            table[job_id] = (members - removed) | added
         return table[job_id]
 
+    def _change(self, name: str, job_id: int, member: int, *, add: bool) -> None:
+        """Record one membership change; only changes are written back, never whole sets
+        (a job many others wait on would otherwise be read and rewritten at each submit)."""
+        table = self.waits if name == "waits" else self.waiters
+        added, removed = self.deltas.setdefault((name, job_id), (set(), set()))
+        (added if add else removed).add(member)
+        (removed if add else added).discard(member)
+        if job_id in table:
+            if add:
+                table[job_id].add(member)
+            else:
+                table[job_id].discard(member)
+
     async def add_waits(self, waits: Collection[tuple[int, int]]) -> None:
+        # No read needed: the jobs named in ``after`` were read (WATCHed) by the submit, so
+        # one of them ending meanwhile aborts this transaction anyway.
         for job_id, after_id in waits:
-            (await self._set(self.waits, "waits", job_id)).add(after_id)
-            (await self._set(self.waiters, "waiters", after_id)).add(job_id)
+            self._change("waits", job_id, after_id, add=True)
+            self._change("waiters", after_id, job_id, add=True)
 
     async def take_waiters(self, after_id: int) -> list[int]:
-        waiters = await self._set(self.waiters, "waiters", after_id)
-        taken = sorted(waiters)
-        waiters.clear()
+        taken = sorted(await self._set("waiters", after_id))
         for job_id in taken:
-            (await self._set(self.waits, "waits", job_id)).discard(after_id)
+            self._change("waiters", after_id, job_id, add=False)
+            self._change("waits", job_id, after_id, add=False)
         return taken
 
     async def is_waiting(self, job_id: int) -> bool:
-        return bool(await self._set(self.waits, "waits", job_id))
+        return bool(await self._set("waits", job_id))
 
     async def clear_waits(self, job_id: int) -> None:
-        afters = await self._set(self.waits, "waits", job_id)
-        for after_id in list(afters):
-            (await self._set(self.waiters, "waiters", after_id)).discard(job_id)
-        afters.clear()
-
-    def changed(self) -> list[Job]:
-        return [job for i, job in self.jobs.items()
-                if job is not None and job != self.originals.get(i)]
+        for after_id in sorted(await self._set("waits", job_id)):
+            self._change("waiters", after_id, job_id, add=False)
+            self._change("waits", job_id, after_id, add=False)
 
     async def commit(self, channel: str) -> None:
-        pipe = self.pipe
-        pipe.multi()
+        """Apply the changes in one MULTI/EXEC: a few commands per transaction rather than a
+        few per job, so a sweep of thousands stays one short round trip."""
+        removals: dict[str, list[int]] = defaultdict(list)  # zset -> members leaving it
+        additions: dict[str, dict[str, int]] = defaultdict(dict)  # zset -> members joining
+        stored: dict[str, str] = {}
+        doomed: list[str] = []
         for job_id, job in self.jobs.items():
             old = self.originals.get(job_id)
             if job == old:
                 continue
             if old is not None:
-                pipe.zrem(self.key("state", old.state.value), job_id)
+                removals[self.key("state", old.state.value)].append(job_id)
             if job is None:
-                pipe.delete(self.key("job", job_id))
-                pipe.zrem(self.key("ids"), job_id)
+                doomed += [self.key("job", job_id), self.key("attempt_hosts", job_id)]
+                removals[self.key("ids")].append(job_id)
                 if old is not None:
-                    pipe.zrem(self.key("owner", old.owner), job_id)
+                    removals[self.key("owner", old.owner)].append(job_id)
                 continue
-            pipe.set(self.key("job", job_id), json.dumps(job.to_dict()))
-            pipe.zadd(self.key("state", job.state.value), {str(job_id): job_id})
+            stored[self.key("job", job_id)] = json.dumps(job.to_dict())
+            additions[self.key("state", job.state.value)][str(job_id)] = job_id
             if old is None:
-                pipe.zadd(self.key("ids"), {str(job_id): job_id})
-                pipe.zadd(self.key("owner", job.owner), {str(job_id): job_id})
-            pipe.publish(channel, json.dumps(job.to_dict()))
-        for name, table in (("waits", self.waits), ("waiters", self.waiters)):
-            for job_id, members in table.items():
-                key = self.key(name, job_id)
-                pipe.delete(key)
-                if members:
-                    pipe.sadd(key, *members)
+                additions[self.key("ids")][str(job_id)] = job_id
+                additions[self.key("owner", job.owner)][str(job_id)] = job_id
+        pipe = self.pipe
+        pipe.multi()
+        if doomed:
+            pipe.delete(*doomed)
+        if stored:
+            pipe.mset(stored)
+        for key, members in removals.items():  # every removal before any addition
+            pipe.zrem(key, *members)
+        for key, scores in additions.items():
+            pipe.zadd(key, scores)
+        for (name, job_id), (added, removed) in self.deltas.items():
+            if removed:
+                pipe.srem(self.key(name, job_id), *removed)
+            if added:
+                pipe.sadd(self.key(name, job_id), *added)
+        if stored:
+            pipe.publish(channel, event_message(self.origin, list(stored.values())))
         await pipe.execute()
 
 
+class _ClaimReadout(JobTransaction):
+    """The jobs a claim was computed from: ``transitions.claim`` reads and updates only these."""
+
+    def __init__(self, jobs: dict[int, Job]) -> None:
+        self.jobs = jobs
+
+    async def get(self, job_id: int) -> Job | None:
+        return self.jobs.get(job_id)
+
+    async def update(self, job: Job) -> None:
+        self.jobs[job.id] = job
+
+    async def get_many(self, job_ids: Collection[int]) -> dict[int, Job]:
+        raise InternalError("a claim reads jobs one by one")
+
+    async def next_id(self) -> int:
+        raise InternalError("a claim creates no job")
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        raise InternalError("a claim creates no job")
+
+    async def delete(self, job_ids: Collection[int]) -> None:
+        raise InternalError("a claim deletes no job")
+
+    async def add_waits(self, waits: Collection[tuple[int, int]]) -> None:
+        raise InternalError("a claim changes no dependency")
+
+    async def take_waiters(self, after_id: int) -> list[int]:
+        raise InternalError("a claim changes no dependency")
+
+    async def is_waiting(self, job_id: int) -> bool:
+        raise InternalError("a claim changes no dependency")
+
+    async def clear_waits(self, job_id: int) -> None:
+        raise InternalError("a claim changes no dependency")
+
+
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, *, prefix: str = "fetchml:") -> None:
+    def __init__(self, url: str, *, prefix: str = "fetchml:", origin: str = "") -> None:
         self.url, self.prefix = url, prefix
         self.channel = prefix + "events"
+        self.origin = origin  # named in every change this store publishes
         self._redis: aioredis.Redis | None = None
+        self._claim_script: Any = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -172,7 +292,9 @@ class RedisJobStore(JobStore):
         try:
             self._redis = aioredis.Redis.from_url(
                 self.url, socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=SOCKET_TIMEOUT_S, decode_responses=True)
+                socket_connect_timeout=CONNECT_TIMEOUT_S, retry=COMMAND_RETRY,
+                decode_responses=True)
+            self._claim_script = self._redis.register_script(_CLAIM_LUA)
             config = await self._redis.config_get("append*")
         except (RedisError, OSError, ValueError) as exc:
             raise Unavailable(f"cannot reach Redis at {self.url} ({exc}); start it or fix "
@@ -191,7 +313,8 @@ class RedisJobStore(JobStore):
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
 
-    async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` (Redis commands), translating Redis and socket errors to Unavailable."""
         try:
             return await work()
         except (RedisError, OSError) as exc:
@@ -199,11 +322,11 @@ class RedisJobStore(JobStore):
                               "is back") from exc
 
     async def _transact(self, step: Callable[[JobTransaction], Awaitable[T]],
-                        first_id: int | None = None) -> T:
+                        reserved: range | None = None) -> T:
         async def attempt() -> T:
             for _ in range(MAX_RETRIES):
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    tx = _RedisTransaction(pipe, self.prefix, first_id)
+                    tx = _RedisTransaction(pipe, self.prefix, reserved, self.origin)
                     try:
                         result = await step(tx)
                         await tx.commit(self.channel)
@@ -212,29 +335,37 @@ class RedisJobStore(JobStore):
                         continue
             raise Unavailable("the job store is too busy to apply this change; try again")
 
-        return await self._call(attempt)
+        return await self.call(attempt)
 
     async def _ids(self, index: str, top: str = "+inf") -> list[Any]:
         """Ids in a zset index, highest first, from ``top`` down."""
-        return list(await self._call(lambda: self.redis.zrevrangebyscore(index, top, "-inf")))
+        return list(await self.call(lambda: self.redis.zrevrangebyscore(index, top, "-inf")))
 
     async def _jobs(self, ids: Sequence[Any]) -> list[Job]:
         if not ids:
             return []
-        values = await self._call(lambda: self.redis.mget([self.key("job", i) for i in ids]))
+        values = await self.call(lambda: self.redis.mget([self.key("job", i) for i in ids]))
         return [Job.from_dict(json.loads(raw)) for raw in values if raw is not None]
 
     # -- the contract -------------------------------------------------------------------------
     async def submit(self, specs: Sequence[JobSpec], now: float) -> list[Job]:
         if not specs:
             return []
-        last = await self._call(lambda: self.redis.incrby(self.key("next_id"), len(specs)))
+        last = await self.call(lambda: self.redis.incrby(self.key("next_id"), len(specs)))
+        first = int(last) - len(specs) + 1
         return await self._transact(lambda tx: transitions.submit(tx, specs, now),
-                                    first_id=int(last) - len(specs) + 1)
+                                    reserved=range(first, first + len(specs)))
 
     async def get(self, job_id: int) -> Job | None:
         found = await self._jobs([job_id])
         return found[0] if found else None
+
+    async def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+        """The stored jobs among ``job_ids``, in their order; unknown ids are left out."""
+        found: list[Job] = []
+        for start in range(0, len(job_ids), 500):
+            found += await self._jobs(job_ids[start:start + 500])
+        return found
 
     async def queued(self) -> list[Job]:
         return sorted(await self._jobs(await self._ids(self.key("state", "queued"))),
@@ -246,7 +377,38 @@ class RedisJobStore(JobStore):
                       key=lambda job: job.id)
 
     async def claim(self, claims: Sequence[Claim], now: float) -> list[Job]:
-        return await self._transact(lambda tx: transitions.claim(tx, claims, now))
+        if not claims:
+            return []
+        return await self.call(lambda: self._claim(claims, now))
+
+    async def _claim(self, claims: Sequence[Claim], now: float) -> list[Job]:
+        ids = list(dict.fromkeys(claim.job_id for claim in claims))
+        for _ in range(MAX_RETRIES):
+            raws = await self.redis.mget([self.key("job", i) for i in ids])
+            read = {i: raw for i, raw in zip(ids, raws, strict=True) if raw is not None}
+            readout = _ClaimReadout({i: Job.from_dict(json.loads(raw))
+                                     for i, raw in read.items()})
+            started = await transitions.claim(readout, claims, now)
+            if not started:
+                return []
+            keys = [self.key("job", job.id) for job in started]
+            keys += [self.key("state", "queued"), self.key("state", "running"),
+                     self.key(HOST_SEEN)]
+            keys += [self.key("attempt_hosts", job.id) for job in started]
+            stored = [json.dumps(job.to_dict()) for job in started]
+            args: list[Any] = [self.channel, len(started), event_message(self.origin, stored)]
+            for job, text in zip(started, stored, strict=True):
+                args += [read[job.id], text, job.id, job.attempt, job.host]
+            if int(await self._claim_script(keys=keys, args=args)) == 0:
+                return started
+            # a job changed since it was read (another host claimed or cancelled it): read again
+        raise Unavailable("the job store is too busy to start jobs; try again")
+
+    async def attempt_host(self, job_id: int, attempt: int) -> str | None:
+        """The host that ran ``attempt`` of ``job_id``, when the store recorded it."""
+        found = await self.call(lambda: self.redis.hget(self.key("attempt_hosts", job_id),
+                                                         str(attempt)))
+        return str(found) if found is not None else None
 
     async def finish(self, job_id: int, attempt: int, result: AttemptResult, now: float) -> Job:
         return await self._transact(
@@ -266,7 +428,7 @@ class RedisJobStore(JobStore):
                 values = await pipe.execute()
             return {state: int(n) for state, n in zip(JobState, values, strict=True)}
 
-        return await self._call(count)
+        return await self.call(count)
 
     async def list(self, *, states: Collection[JobState] | None = None,
                    owner: str | None = None, limit: int | None = None,
