@@ -114,7 +114,8 @@ SNAPSHOT_GET = OpSpec(
 JOB_FIELDS_DOC = (
     '{"argv": [str] (required), "name", "env": {str: str}, "workdir", "priority" (1-10), '
     '"cpus", "memory" (bytes), "gpus", "timeout" (s), "retries", "after": [job id], '
-    '"labels": {str: str}}'
+    '"labels": {str: str}, "datasets": ["NAME[@V][:MOUNT]"], "isolation": "none" | "bwrap" | '
+    '"podman"}'
 )
 
 JOBS_SUBMIT = OpSpec(

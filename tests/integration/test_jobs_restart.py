@@ -96,7 +96,11 @@ def test_kill_9_while_jobs_run_and_queue_loses_nothing(short_tmp: Path) -> None:
         assert job["state"] == ("succeeded" if code == 0 else "failed"), job
         assert job["attempt"] == 1, job  # never lost, never run twice
     assert counts["lost"] == 0
-    assert counts["re-adopted"] + counts["ended while away"] >= ROUNDS * SLOTS // 2
+    # Every restart found attempts to take over (how each was taken over depends on timing).
+    assert counts["re-adopted"] > 0
+    taken_over = counts["re-adopted"] + counts["ended while away"] + counts[
+        "launched after restart"]
+    assert taken_over >= ROUNDS * SLOTS // 2
 
 
 def test_acknowledged_submit_survives_kill_9_at_once(short_tmp: Path) -> None:
