@@ -50,7 +50,10 @@ def apply(base: SnapshotManifest, upsert: Iterable[Any], remove: Iterable[str]
     """``base`` (a stored, validated manifest) with the changes applied; BadRequest naming the
     first bad entry if the result would not be a valid manifest."""
     entries = {entry.path: entry for entry in base.entries}
+    base_rows = base._rows if base._rows is not None else [entry_row(e) for e in base.entries]
+    rows = {entry.path: row for entry, row in zip(base.entries, base_rows, strict=True)}
     for path in remove:
+        rows.pop(path, None)
         if not isinstance(path, str) or entries.pop(path, None) is None:
             raise BadRequest(f"cannot remove {str(path)[:200]!r}: the base snapshot has no such "
                              "entry; send the whole manifest")
@@ -61,12 +64,14 @@ def apply(base: SnapshotManifest, upsert: Iterable[Any], remove: Iterable[str]
         if problem is not None:
             raise refuse_entry(entry.path, problem)
         entries[entry.path] = entry
+        rows[entry.path] = entry_row(entry)
         changed.append(entry)
     paths = sorted(entries, key=lambda p: p.encode("utf-8"))
     for entry in changed:
         _check_surroundings(entry, entries, paths)
     manifest = SnapshotManifest.__new__(SnapshotManifest)
     manifest._entries = tuple(entries[p] for p in paths)
+    manifest._rows = [rows[p] for p in paths]
     manifest._encoded = None
     return manifest
 
@@ -104,4 +109,5 @@ def load_stored(data: bytes) -> SnapshotManifest:
                       raw_oid.hex() if raw_oid is not None else None, target)
         for path, kind, executable, size, raw_oid, target in document[2])
     manifest._encoded = data
+    manifest._rows = document[2]
     return manifest

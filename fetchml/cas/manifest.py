@@ -120,7 +120,9 @@ def _check_tree(entries: Sequence[ManifestEntry]) -> None:
 class SnapshotManifest:
     """An immutable, validated, sorted list of entries with a canonical encoding."""
 
-    __slots__ = ("_encoded", "_entries")
+    # _rows: the entries as msgpack rows, when known (decoded or built by a delta): encoding
+    # from them skips converting every entry again.
+    __slots__ = ("_encoded", "_entries", "_rows")
 
     def __init__(self, entries: Iterable[ManifestEntry]) -> None:
         """Validate and sort ``entries``; link targets are checked by decode, not here.
@@ -147,6 +149,7 @@ class SnapshotManifest:
         _check_tree(checked)
         self._entries: tuple[ManifestEntry, ...] = tuple(checked)
         self._encoded: bytes | None = None
+        self._rows: Sequence[Any] | None = None
 
     @property
     def entries(self) -> tuple[ManifestEntry, ...]:
@@ -183,6 +186,9 @@ class SnapshotManifest:
         return hash_bytes(self.encode())
 
     def encode(self) -> bytes:
+        if self._encoded is None and self._rows is not None:
+            self._encoded = msgpack.packb([FORMAT_TAG, FORMAT_VERSION, self._rows],
+                                          use_bin_type=True)
         if self._encoded is None:
             rows = [
                 [
@@ -231,6 +237,7 @@ class SnapshotManifest:
         manifest = cls.__new__(cls)
         manifest._entries = tuple(entries)
         manifest._encoded = bytes(data)
+        manifest._rows = rows
         return manifest
 
     def summary(self) -> ManifestSummary:

@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,10 @@ def change_state(current: DatasetVersion | None, name: str, version: int, state:
     return replace(current, state=state)
 
 
+# A change of one dataset's versions: (versions to store, result for the caller).
+Change = Callable[[list[DatasetVersion]], tuple[list[DatasetVersion], Any]]
+
+
 class DatasetRegistry(ABC):
     """Every daemon that shares a job store sees the same registry."""
 
@@ -107,13 +111,29 @@ class DatasetRegistry(ABC):
         """Every version of every dataset, removed ones too."""
 
     @abstractmethod
+    async def _write(self, name: str, change: Change) -> Any:
+        """Atomically: read ``name``'s versions, apply ``change`` (which returns the versions to
+        store and a result), store them; returns the result."""
+
     async def record(self, draft: DatasetVersion) -> tuple[DatasetVersion, bool]:
         """Store ``draft`` as the next version of its name (atomically); see next_version."""
+        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
+            version, created = next_version(versions, draft)
+            return ([version] if created else []), (version, created)
 
-    @abstractmethod
+        result: tuple[DatasetVersion, bool] = await self._write(draft.name, change)
+        return result
+
     async def set_state(self, name: str, version: int, state: str, *,
                         expect: Collection[str]) -> DatasetVersion:
         """Compare-and-set a version's state; Conflict when it is not in ``expect``."""
+        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
+            current = next((v for v in versions if v.version == version), None)
+            updated = change_state(current, name, version, state, expect)
+            return [updated], updated
+
+        result: DatasetVersion = await self._write(name, change)
+        return result
 
     async def generation(self) -> int:
         """A number that changes whenever the registry does (for shared registries)."""
@@ -188,7 +208,7 @@ class SqliteDatasetRegistry(DatasetRegistry):
     async def all_versions(self) -> list[DatasetVersion]:
         return await self._select("", ())
 
-    async def _write(self, name: str, change: Any) -> Any:
+    async def _write(self, name: str, change: Change) -> Any:
         """Run ``change(versions) -> (rows to upsert, result)`` in one IMMEDIATE transaction."""
         async with self._lock:
             return await self._write_unlocked(name, change)
@@ -208,22 +228,4 @@ class SqliteDatasetRegistry(DatasetRegistry):
             await self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._fail(exc) from exc
-        return result
-
-    async def record(self, draft: DatasetVersion) -> tuple[DatasetVersion, bool]:
-        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
-            version, created = next_version(versions, draft)
-            return ([version] if created else []), (version, created)
-
-        result: tuple[DatasetVersion, bool] = await self._write(draft.name, change)
-        return result
-
-    async def set_state(self, name: str, version: int, state: str, *,
-                        expect: Collection[str]) -> DatasetVersion:
-        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
-            current = next((v for v in versions if v.version == version), None)
-            updated = change_state(current, name, version, state, expect)
-            return [updated], updated
-
-        result: DatasetVersion = await self._write(name, change)
         return result

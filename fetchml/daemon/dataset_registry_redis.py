@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from fetchml.daemon.dataset_registry import (
-    DatasetRegistry,
-    DatasetVersion,
-    change_state,
-    next_version,
-)
+from fetchml.daemon.dataset_registry import Change, DatasetRegistry, DatasetVersion
 from fetchml.errors import InternalError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -31,7 +26,6 @@ PREFIX = "fetchml:datasets:"
 MAX_RETRIES = 100  # optimistic transactions retried under contention before giving up
 SOCKET_TIMEOUT_S = 5.0  # as the job store: fail fast with `unavailable` rather than hang
 
-Change = Callable[[list[DatasetVersion]], tuple[list[DatasetVersion], Any]]
 
 
 class RedisDatasetRegistry(DatasetRegistry):
@@ -121,21 +115,3 @@ class RedisDatasetRegistry(DatasetRegistry):
             raise self._fail(exc) from exc
         raise InternalError(f"dataset {name} changed {MAX_RETRIES} times while being written; "
                             "try again")
-
-    async def record(self, draft: DatasetVersion) -> tuple[DatasetVersion, bool]:
-        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
-            version, created = next_version(versions, draft)
-            return ([version] if created else []), (version, created)
-
-        result: tuple[DatasetVersion, bool] = await self._write(draft.name, change)
-        return result
-
-    async def set_state(self, name: str, version: int, state: str, *,
-                        expect: Collection[str]) -> DatasetVersion:
-        def change(versions: list[DatasetVersion]) -> tuple[list[DatasetVersion], Any]:
-            current = next((v for v in versions if v.version == version), None)
-            updated = change_state(current, name, version, state, expect)
-            return [updated], updated
-
-        result: DatasetVersion = await self._write(name, change)
-        return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ VALIDATED_KEY = "cas.validated"
 # one being stored now.
 LAST_MANIFEST_KEY = "cas.last_manifest"
 PENDING_MANIFEST_KEY = "cas.pending_manifest"
+DELTA_BASE_KEY = "cas.delta_base"  # (snapshot, its base, the base's objects) of a delta put
 # How many missing oids a refused snapshot.put lists (a client uploads exactly those).
 MISSING_LISTED = 10_000
 # Upper bound on a single object; a sync refuses bigger files long before this.
@@ -164,11 +165,22 @@ def _summary(call: Call, data: bytes, snapshot: str) -> tuple[ManifestSummary, b
     return summary, False
 
 
+def _to_check(call: Call, snapshot: str, oids: tuple[str, ...]) -> Sequence[str]:
+    """The objects whose presence must be checked. A delta's base is a stored manifest, and
+    while the sweep gate is held a stored manifest's objects are all present (a collection
+    deletes manifests before their objects), so only the objects the base lacks are."""
+    based = call.session.state.pop(DELTA_BASE_KEY, None)
+    if based is None or based[0] != snapshot or not call.core.snapshots.contains(based[1]):
+        return oids
+    known: set[str] = based[2]
+    return [oid for oid in oids if oid not in known]
+
+
 def _put_snapshot(call: Call, data: bytes) -> _PutOutcome:
     snapshot = hash_bytes(data)
     summary, stored = _summary(call, data, snapshot)
     objects = call.core.objects
-    missing = objects.missing(summary.oids)
+    missing = objects.missing(_to_check(call, snapshot, summary.oids))
     if missing:
         return _PutOutcome(snapshot, summary, missing)
     objects.flush()  # every object the manifest names is durable before the manifest exists
@@ -203,6 +215,7 @@ def _apply_delta(call: Call) -> bytes:
     validated.clear()
     validated[snapshot] = manifest.summary()
     call.session.state[PENDING_MANIFEST_KEY] = (snapshot, manifest)
+    call.session.state[DELTA_BASE_KEY] = (snapshot, base_id, base.oids())
     return data
 
 

@@ -17,7 +17,7 @@ from fetchml.daemon.datasets import service
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import may_see
 from fetchml.errors import Conflict, NotFound, PermissionDenied
-from fetchml.protocol.ops_datasets import parse_ref
+from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
 
 JOBS_NAMED = 5  # job ids a refused removal names: enough to act on, short enough to read
 
@@ -60,6 +60,17 @@ async def datasets_list(call: Call) -> dict[str, Any]:
         for name, versions in sorted(by_name.items())]}
 
 
+def _select(ref: DatasetRef, versions: list[DatasetVersion]) -> list[DatasetVersion]:
+    """The version ``ref`` names, or all of them when it names none."""
+    if ref.version is None:
+        return versions
+    chosen = [v for v in versions if v.version == ref.version]
+    if not chosen:
+        raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
+                       f"info {ref.name}` lists its versions")
+    return chosen
+
+
 @handles("datasets.info")
 async def datasets_info(call: Call) -> dict[str, Any]:
     call.require("datasets:read")
@@ -67,11 +78,7 @@ async def datasets_info(call: Call) -> dict[str, Any]:
     svc = service(call.core)
     versions = await _present(call, ref.name)
     owner = owner_of(versions)
-    if ref.version is not None:
-        versions = [v for v in versions if v.version == ref.version]
-        if not versions:
-            raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
-                           f"info {ref.name}` lists its versions")
+    versions = _select(ref, versions)
     cached = [await asyncio.to_thread(svc.cache.is_cached, v.snapshot) for v in versions]
     return {"name": ref.name, "owner": owner,
             "versions": [{**v.to_wire(), "cached": c}
@@ -95,11 +102,7 @@ async def datasets_rm(call: Call) -> dict[str, Any]:
     svc = service(call.core)
     versions = await _present(call, ref.name)
     owner = owner_of(versions)
-    if ref.version is not None:
-        versions = [v for v in versions if v.version == ref.version]
-        if not versions:
-            raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
-                           f"info {ref.name}` lists its versions")
+    versions = _select(ref, versions)
     user = call.identity.user
     if user != owner and not call.identity.allows("datasets:delete:all"):
         foreign = [v for v in versions if v.pushed_by != user]
