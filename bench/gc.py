@@ -1,9 +1,13 @@
 """Garbage collection of a store with 1,000,000 small objects: time and peak memory.
 
-Builds the store directly in its on-disk layout (no fsync: this measures the collector, not
-the disk), makes half of the objects live through pinned snapshots, back-dates everything past
+Builds the store directly in its on-disk layout and syncs it to disk (a daemon's objects are
+durable), makes half of the objects live through pinned snapshots, back-dates everything past
 the grace period, then runs the daemon's own GarbageCollector (mark from roots, sweep in
-batches under the upload lock). Goal: under 60 s and under 500 MB RSS.
+batches under the sweep gate). Goal: under 60 s and under 500 MB RSS.
+
+The peer, in the same run and on the same filesystem: `rm -rf` of a tree with as many small
+files as the collection deletes, in the same 256 fan-out directories. Deleting files costs
+what the filesystem makes it cost; the ratio shows what the collector adds on top.
 Usage: python bench/gc.py [--objects 1000000] [--dir /tmp/...]
 """
 
@@ -12,12 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import resource
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine_line
 
 from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
@@ -50,7 +56,22 @@ def build(root: Path, count: int) -> tuple[ObjectStore, ObjectStore, list[str], 
         entries = [ManifestEntry.file(f"f{n:08d}", oid, len(b"object %d" % ((start + n) * 2)))
                    for n, oid in enumerate(live[start:start + PER_SNAPSHOT])]
         roots.append(snapshots.put_bytes(SnapshotManifest(entries).encode()))
+    os.sync()
     return objects, snapshots, roots, time.perf_counter() - started
+
+
+def rm_rf(root: Path, count: int) -> float:
+    """Seconds `rm -rf` takes to delete ``count`` small files laid out like the store."""
+    for fanout in range(256):
+        (root / f"{fanout:02x}").mkdir(parents=True)
+    for i in range(count):
+        fd = os.open(root / f"{i % 256:02x}" / f"{i:062x}", os.O_WRONLY | os.O_CREAT, 0o444)
+        os.write(fd, b"object %d" % i)
+        os.close(fd)
+    os.sync()
+    started = time.perf_counter()
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    return time.perf_counter() - started
 
 
 async def collect(root: Path, objects: ObjectStore, snapshots: ObjectStore,
@@ -78,14 +99,18 @@ def main() -> None:
         deleted, size, gc_s = asyncio.run(collect(root, objects, snapshots, roots))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         survivors = sum(1 for _ in objects.iter_oids())
+        shutil.rmtree(root / "objects", ignore_errors=True)
+        expected = args.objects - (args.objects + 1) // 2
+        peer_s = rm_rf(root / "peer", expected)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    expected = args.objects - (args.objects + 1) // 2
-    print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {time.strftime('%Y-%m-%d')}")
+    print(machine_line(root.parent))
     print(f"built {args.objects} objects in {build_s:.0f} s (RSS {rss_before / 1024:.0f} MB)")
     print(f"gc deleted {deleted} objects ({size} bytes), kept {survivors}; expected to delete "
           f"{expected}")
     print(f"gc time {gc_s:.1f} s (goal < 60 s), peak RSS {peak_mb:.0f} MB (goal < 500 MB)")
+    print(f"rm -rf of {expected} files on the same filesystem: {peer_s:.1f} s; "
+          f"gc / rm -rf = {gc_s / peer_s:.2f}x")
     if deleted != expected or survivors != args.objects - expected:
         raise SystemExit("gc deleted the wrong objects")
 

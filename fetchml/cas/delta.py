@@ -58,15 +58,19 @@ def apply(base: SnapshotManifest, upsert: Iterable[Any], remove: Iterable[str]
             raise BadRequest(f"cannot remove {str(path)[:200]!r}: the base snapshot has no such "
                              "entry; send the whole manifest")
     changed: list[ManifestEntry] = []
+    added = False
     for index, row in enumerate(upsert):
         entry = _row_entry(index, row)
         problem = entry_problem(entry, check_link=True)
         if problem is not None:
             raise refuse_entry(entry.path, problem)
+        added = added or entry.path not in entries
         entries[entry.path] = entry
         rows[entry.path] = entry_row(entry)
         changed.append(entry)
-    paths = sorted(entries, key=lambda p: p.encode("utf-8"))
+    # The dicts keep the base's sorted order through removals and replacements; only a new
+    # path (appended at the end) calls for sorting again.
+    paths = sorted(entries, key=lambda p: p.encode("utf-8")) if added else list(entries)
     for entry in changed:
         _check_surroundings(entry, entries, paths)
     manifest = SnapshotManifest.__new__(SnapshotManifest)

@@ -55,6 +55,7 @@ class WatchLoop:
         self.jobs, self.watch_id, self.restart = jobs, watch_id, restart
         self.conn: Connection | None = None
         self.known: set[str] = set()  # oids this daemon is known to hold
+        self.sent_ahead = (0, 0)  # (files, bytes) uploaded while bursts settled, not reported
         self.base: tuple[str, SnapshotManifest] | None = None  # the last snapshot stored
         self.queued_snapshot: str | None = None
         self.last_jobs: list[str] = []
@@ -91,6 +92,7 @@ class WatchLoop:
             self.mirror.apply(batch.paths)
             if not self.mirror.needs_full_scan:
                 _ = self.mirror.manifest
+                self.upload_ahead()
         except FetchmlError:
             self.mirror.needs_full_scan = True  # the scan at the end reports it properly
 
@@ -153,6 +155,9 @@ class WatchLoop:
             reused = self.conn is not None
             try:
                 sent_files, sent_bytes, snapshot = self.put(self.connection(), manifest)
+                sent_files, sent_bytes = (sent_files + self.sent_ahead[0],
+                                          sent_bytes + self.sent_ahead[1])
+                self.sent_ahead = (0, 0)
                 break
             except Unavailable:
                 self.drop_connection()
@@ -162,29 +167,42 @@ class WatchLoop:
                           sent_bytes, hashed)
 
     def put(self, conn: Connection, manifest: SnapshotManifest) -> tuple[int, int, str]:
-        sizes: dict[str, int] = {e.oid: e.size for e in manifest.entries if e.oid is not None}
         sent_files = sent_bytes = 0
-        for attempt in (1, 2):
-            unknown = sorted(oid for oid in sizes if oid not in self.known)
-            missing = find_missing(conn, unknown) if unknown else []
-            sources = {oid: self.mirror.source(oid) for oid in missing}
-            sent_bytes += upload(conn, missing, sources, sizes)
-            sent_files += len(missing)
-            self.known.update(unknown)
+        for attempt in range(3):
+            args = self.put_args(manifest)
+            files, sent = self.put_objects(conn, _objects_to_check(manifest, args))
+            sent_files, sent_bytes = sent_files + files, sent_bytes + sent
             try:
-                result = conn.call("snapshot.put", self.put_args(manifest))
-                self.base = (str(result["snapshot"]), manifest)
-                return sent_files, sent_bytes, str(result["snapshot"])
+                result = conn.call("snapshot.put", args)
             except (NotFound, BadRequest):  # the base was collected, or the delta refused
+                if self.base is None:
+                    raise
                 self.base = None
-                result = conn.call("snapshot.put", {"manifest": manifest.encode()})
-                self.base = (str(result["snapshot"]), manifest)
-                return sent_files, sent_bytes, str(result["snapshot"])
-            except IntegrityError:
+                continue
+            except IntegrityError:  # objects it held were collected since: ask again
                 if attempt == 2:
                     raise
-                self.known.clear()  # objects it held were collected since: ask again
-        raise AssertionError("unreachable")
+                self.known.clear()
+                continue
+            self.base = (str(result["snapshot"]), manifest)
+            return sent_files, sent_bytes, str(result["snapshot"])
+        raise AssertionError("unreachable: the third attempt returns or raises")
+
+    def put_objects(self, conn: Connection, sizes: dict[str, int]) -> tuple[int, int]:
+        """Upload the objects of ``sizes`` the daemon lacks: (files, bytes) sent."""
+        unknown = sorted(oid for oid in sizes if oid not in self.known)
+        missing = find_missing(conn, unknown) if unknown else []
+        sent = upload(conn, missing, {oid: self.mirror.source(oid) for oid in missing}, sizes)
+        self.known.update(unknown)
+        return len(missing), sent
+
+    def upload_ahead(self) -> None:
+        """Send the changed files' objects while the burst settles, so that the sync after
+        it has only the manifest left to store. A failure here is the sync's to report."""
+        if self.conn is not None:
+            with contextlib.suppress(FetchmlError):
+                files, sent = self.put_objects(self.conn, self.mirror.changed_objects(self.known))
+                self.sent_ahead = (self.sent_ahead[0] + files, self.sent_ahead[1] + sent)
 
     def put_args(self, manifest: SnapshotManifest) -> dict[str, Any]:
         """The whole manifest, or only its changes from the last one stored (so the daemon
@@ -308,3 +326,11 @@ def watch(cli: CliContext, /, path: Path | None, restart: bool, debounce: str | 
         loop.close()
     cli.note("stopped watching")
     raise SystemExit(130)
+
+
+def _objects_to_check(manifest: SnapshotManifest, args: dict[str, Any]) -> dict[str, int]:
+    """The objects (oid -> size) a snapshot.put with ``args`` may find missing: a delta's base
+    is stored with all its objects, so only the changed entries' objects can be new."""
+    if "upsert" in args:
+        return {row[4].hex(): row[3] for row in args["upsert"] if row[4] is not None}
+    return {e.oid: e.size for e in manifest.entries if e.oid is not None}

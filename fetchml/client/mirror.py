@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from fetchml.cas.hashing import hash_fd
@@ -128,6 +128,12 @@ class TreeMirror:
         """Paths whose entry differs from the last snapshot marked synced."""
         synced, entries = self._synced, self._entries
         return sorted(p for p in self._touched if synced.get(p) != entries.get(p))
+
+    def changed_objects(self, known: Collection[str]) -> dict[str, int]:
+        """Objects (oid -> size) of changed entries that are not in ``known``."""
+        entries = (self._entries.get(p) for p in self._touched)
+        return {e.oid: e.size for e in entries
+                if e is not None and e.oid is not None and e.oid not in known}
 
     def mark_synced(self) -> None:
         self._synced = dict(self._entries)

@@ -25,7 +25,7 @@ from typing import Any
 from fetchml.cas import gc
 from fetchml.cas.objects import ObjectStore
 from fetchml.daemon.store.base import TERMINAL_STATES, Job, JobState, JobStore
-from fetchml.errors import FetchmlError, NotFound
+from fetchml.errors import FetchmlError, IntegrityError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,11 @@ class GarbageCollector:
         now = time.time()
         roots = await self.roots(grace_s, now, ignore_jobs)
         marks = await asyncio.to_thread(gc.mark, self.snapshots, roots)
+        if marks.unreadable:
+            raise IntegrityError(
+                f"gc deleted nothing: live snapshot {marks.unreadable[0][:12]} cannot be read, so "
+                "the objects it needs are unknown; run `fetchml fsck` and prune the jobs that "
+                "use it")
         cutoff = now - grace_s
         manifests = 0
         for batch in await asyncio.to_thread(
