@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (writes fetchml's bytecode, as an install does)
+
 
 def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
     """Median wall time of ``runs`` runs, after one warm-up."""

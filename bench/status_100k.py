@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402, F401  (writes fetchml's bytecode, as an install does)
+
 from fetchml.client import Connection, Target, connect  # noqa: E402
 from fetchml.daemon.store.base import Job, JobState  # noqa: E402
 from fetchml.daemon.store.sqlite import SqliteJobStore  # noqa: E402
