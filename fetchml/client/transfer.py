@@ -79,7 +79,12 @@ def offer_snapshot(conn: Connection, encoded: bytes, sizes: Mapping[str, int]
 
 def _chunks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
     """(offset, data) pieces of a file; refuses a file whose size changed since the scan."""
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError as exc:
+        raise BadRequest(f"{path} was removed while it was being synced; run the sync "
+                         "again") from exc
+    with handle:
         if size == 0:
             yield 0, b""
         offset = 0

@@ -22,6 +22,7 @@ import pytest
 from fetchml.cas import delta
 from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import FORMAT_TAG, FORMAT_VERSION, ManifestEntry, SnapshotManifest
+from fetchml.client.transfer import upload
 from fetchml.errors import BadRequest, IntegrityError, NotFound
 from tests.conftest import DaemonProcess, make_daemon
 
@@ -373,3 +374,13 @@ def test_snapshot_put_as_changes_to_a_stored_base(daemon: DaemonProcess) -> None
                                        "upsert": [delta.entry_row(file("src/m1.py/x", b"e"))]})
     with daemon.connect() as fresh:  # another connection: the base is read from the store
         assert fresh.call("snapshot.put", args)["snapshot"] == edited.snapshot_id
+
+
+def test_a_file_removed_before_its_upload_is_a_clear_error(daemon: DaemonProcess,
+                                                           tmp_path: Path) -> None:
+    gone = tmp_path / "gone.bin"
+    oid = hash_bytes(b"was here")
+    with daemon.connect() as conn, pytest.raises(BadRequest, match="was removed while"):
+        upload(conn, [oid], {oid: gone}, {oid: 8})
+    with daemon.connect() as conn:
+        assert conn.call("cas.missing", {"oids": [oid]})["missing"] == [oid]
