@@ -27,7 +27,6 @@ MAX_RETRIES = 100  # optimistic transactions retried under contention before giv
 SOCKET_TIMEOUT_S = 5.0  # as the job store: fail fast with `unavailable` rather than hang
 
 
-
 class RedisDatasetRegistry(DatasetRegistry):
     shared = True
 
