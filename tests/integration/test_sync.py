@@ -372,6 +372,12 @@ def test_snapshot_put_as_changes_to_a_stored_base(daemon: DaemonProcess) -> None
         with pytest.raises(BadRequest, match="under"):
             conn.call("snapshot.put", {"base": base_id, "remove": [],
                                        "upsert": [delta.entry_row(file("src/m1.py/x", b"e"))]})
+        # Only the objects the base lacks are checked, and those still are.
+        absent = file("src/new.py", b"never uploaded\n")
+        with pytest.raises(IntegrityError) as refused:
+            conn.call("snapshot.put", {"base": base_id, "remove": [],
+                                       "upsert": [delta.entry_row(absent)]})
+        assert refused.value.details["missing"] == [absent.oid]
     with daemon.connect() as fresh:  # another connection: the base is read from the store
         assert fresh.call("snapshot.put", args)["snapshot"] == edited.snapshot_id
 
