@@ -200,7 +200,7 @@ class WatchLoop:
         """Send the changed files' objects while the burst settles, so that the sync after
         it has only the manifest left to store. A failure here is the sync's to report."""
         if self.conn is not None:
-            with contextlib.suppress(FetchmlError, OSError):
+            with contextlib.suppress(FetchmlError):
                 files, sent = self.put_objects(self.conn, self.mirror.changed_objects(self.known))
                 self.sent_ahead = (self.sent_ahead[0] + files, self.sent_ahead[1] + sent)
 

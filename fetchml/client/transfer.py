@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fetchml.cas._fs import translate_os_error
 from fetchml.cas.gc_pause import gc_paused
 from fetchml.cas.hashing import Hasher
 from fetchml.cas.ignore import IgnoreRules
@@ -78,24 +79,26 @@ def offer_snapshot(conn: Connection, encoded: bytes, sizes: Mapping[str, int]
 
 
 def _chunks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) pieces of a file; refuses a file whose size changed since the scan."""
+    """(offset, data) pieces of a file; refuses a file whose size changed since the scan, and
+    turns a read failure into a fetchml error."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+        with open(path, "rb") as handle:
+            if size == 0:
+                yield 0, b""
+            offset = 0
+            while offset < size:
+                data = handle.read(min(CHUNK_BYTES, size - offset))
+                if not data:
+                    break
+                yield offset, data
+                offset += len(data)
+            if offset != size or handle.read(1):
+                raise BadRequest(f"{path} changed while it was being synced; run the sync again")
     except FileNotFoundError as exc:
         raise BadRequest(f"{path} was removed while it was being synced; run the sync "
                          "again") from exc
-    with handle:
-        if size == 0:
-            yield 0, b""
-        offset = 0
-        while offset < size:
-            data = handle.read(min(CHUNK_BYTES, size - offset))
-            if not data:
-                break
-            yield offset, data
-            offset += len(data)
-        if offset != size or handle.read(1):
-            raise BadRequest(f"{path} changed while it was being synced; run the sync again")
+    except OSError as exc:
+        raise translate_os_error(exc, f"reading {path}") from exc
 
 
 def upload(conn: Connection, missing: list[str], sources: Mapping[str, Path],
