@@ -60,26 +60,27 @@ async def datasets_list(call: Call) -> dict[str, Any]:
         for name, versions in sorted(by_name.items())]}
 
 
-def _select(ref: DatasetRef, versions: list[DatasetVersion]) -> list[DatasetVersion]:
-    """The version ``ref`` names, or all of them when it names none."""
+async def _named(call: Call) -> tuple[DatasetRef, str | None, list[DatasetVersion]]:
+    """The dataset the ``name`` argument names: (its ref, its owner, the versions it selects:
+    the one named, or all of them when it names none)."""
+    ref = parse_ref(call.args["name"], allow_mount=False)
+    versions = await _present(call, ref.name)
+    owner = owner_of(versions)
     if ref.version is None:
-        return versions
+        return ref, owner, versions
     chosen = [v for v in versions if v.version == ref.version]
     if not chosen:
         raise NotFound(f"dataset {ref.name} has no version {ref.version}; `fetchml dataset "
                        f"info {ref.name}` lists its versions")
-    return chosen
+    return ref, owner, chosen
 
 
 @handles("datasets.info")
 async def datasets_info(call: Call) -> dict[str, Any]:
     call.require("datasets:read")
-    ref = parse_ref(call.args["name"], allow_mount=False)
-    svc = service(call.core)
-    versions = await _present(call, ref.name)
-    owner = owner_of(versions)
-    versions = _select(ref, versions)
-    cached = [await asyncio.to_thread(svc.cache.is_cached, v.snapshot) for v in versions]
+    ref, owner, versions = await _named(call)
+    cache = service(call.core).cache
+    cached = [await asyncio.to_thread(cache.is_cached, v.snapshot) for v in versions]
     return {"name": ref.name, "owner": owner,
             "versions": [{**v.to_wire(), "cached": c}
                          for v, c in zip(versions, cached, strict=True)]}
@@ -98,11 +99,7 @@ def _refusal(call: Call, versions: Sequence[DatasetVersion], users: Sequence[Any
 @handles("datasets.rm")
 async def datasets_rm(call: Call) -> dict[str, Any]:
     call.require("datasets:write")
-    ref = parse_ref(call.args["name"], allow_mount=False)
-    svc = service(call.core)
-    versions = await _present(call, ref.name)
-    owner = owner_of(versions)
-    versions = _select(ref, versions)
+    ref, owner, versions = await _named(call)
     user = call.identity.user
     if user != owner and not call.identity.allows("datasets:delete:all"):
         foreign = [v for v in versions if v.pushed_by != user]
@@ -110,7 +107,7 @@ async def datasets_rm(call: Call) -> dict[str, Any]:
             raise PermissionDenied(
                 f"user {user} may not remove {foreign[0].ref}: it belongs to {owner} and was "
                 f"pushed by {foreign[0].pushed_by}; ask them or an admin (datasets:delete:all)")
-    users = await svc.remove(versions)
+    users = await service(call.core).remove(versions)
     if users:
         raise _refusal(call, versions, users)
     return {"name": ref.name, "removed": [v.to_wire() | {"state": REMOVED} for v in versions]}
