@@ -20,13 +20,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import temp_root
 from status_100k import Daemon, measure_status
 
 from fetchml.client import Connection
@@ -132,8 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("tsp") is None:
         sys.exit("task-spooler is not installed: apt-get install task-spooler")
-    root = Path(tempfile.mkdtemp(prefix="fml-bj-", dir="/tmp"))
-    try:
+    with temp_root("fml-bj-") as root:
         (root / "a").mkdir()
         fml_s = fetchml_throughput(root / "a", args.jobs)
         tsp_s = tsp_throughput(root, args.jobs)
@@ -143,8 +142,6 @@ def main() -> None:
         if not args.skip_status:
             (root / "c").mkdir()
             status = measure_status(root / "c", 100_000, 10)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     fml_rate, tsp_rate = args.jobs / fml_s, args.jobs / tsp_s
     lat_ms = sorted(s * 1000 for s in latencies)
     p50 = statistics.median(lat_ms)

@@ -7,16 +7,13 @@ Usage: python bench/startup.py [--runs 30]
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (writes fetchml's bytecode, as an install does)
+from common import fetchml_command, running_daemon, temp_root
 
 
 def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
@@ -35,30 +32,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--pyz", type=Path, help="also time this dist/fetchml.pyz")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fml-bench-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    sock = root / "state" / "fetchml.sock"
-    env.update(FETCHML_SOCKET=str(sock), FETCHML_GPUS="")
-    daemon = subprocess.Popen([sys.executable, "-m", "fetchml", "daemon", "--state-dir",
-                               str(root / "state")], env=env, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                sys.exit("daemon did not start")
-            time.sleep(0.05)
-        fetchml = shutil.which("fetchml", path=str(Path(sys.executable).parent)) or "fetchml"
+    with temp_root() as root, running_daemon(root / "state") as daemon:
+        env, fetchml = daemon.env, fetchml_command()
         click = timed([sys.executable, "-c", "import click"], env, args.runs)
-        helps = timed([fetchml, "--help"], env, args.runs)
-        info = timed([fetchml, "info"], env, args.runs)
+        helps = timed([*fetchml, "--help"], env, args.runs)
+        info = timed([*fetchml, "info"], env, args.runs)
         pyz = None
         if args.pyz:
             pyz = (timed([sys.executable, str(args.pyz), "--help"], env, args.runs),
                    timed([sys.executable, str(args.pyz), "info"], env, args.runs))
-    finally:
-        daemon.terminate()
-        daemon.wait()
-        shutil.rmtree(root, ignore_errors=True)
     print(f"python -c 'import click'  {click * 1000:7.1f} ms")
     print(f"fetchml --help            {helps * 1000:7.1f} ms   {helps / click:.2f}x  (goal <= 2x)")
     print(f"fetchml info              {info * 1000:7.1f} ms   {info / click:.2f}x  (goal <= 2x)")

@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402, F401  (writes fetchml's bytecode, as an install does)
+from common import temp_root  # noqa: E402  (importing common writes fetchml's bytecode)
 
 from fetchml.client import Connection, Target, connect  # noqa: E402
 from fetchml.daemon.store.base import Job, JobState  # noqa: E402
@@ -140,11 +138,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fml-st-", dir="/tmp"))
-    try:
+    with temp_root("fml-st-") as root:
         result = measure_status(root, args.jobs, args.runs)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     print(f"{args.jobs} finished jobs in the store")
     print(f"jobs.list over the protocol   {result['list_ms']:7.1f} ms  (goal <= 100 ms)")
     print(f"fetchml status (whole CLI)    {result['cli_ms']:7.1f} ms  (goal <= 100 ms)")

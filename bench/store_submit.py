@@ -21,7 +21,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_env, machine_line
+from common import bench_env, machine_line, temp_root
 
 from fetchml.client import Connection, Target, connect
 from fetchml.client.transfer import sync_tree
@@ -152,15 +151,12 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=2000)
     parser.add_argument("--latency-runs", type=int, default=40)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fml-bs-", dir="/tmp"))
-    try:
+    with temp_root("fml-bs-") as root:
         sqlite = measure(root / "sqlite", "sqlite", args.submits, args.sweep, args.latency_runs)
         with redis_server(root / "redis-data") as url:
             redis = measure(root / "redis", url, args.submits, args.sweep, args.latency_runs)
         print("# job store: Redis (AOF, fsync always) vs SQLite (WAL, synchronous=FULL)")
         print(f"# {machine_line(root)}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     rows = [
         (f"single submits ({args.submits}), submits/s", "submits_per_s", "{:.0f}"),
         ("single submit round trip p50, ms", "submit_p50_ms", "{:.1f}"),
