@@ -87,6 +87,12 @@ def running_daemon(state_dir: Path, *args: str) -> Iterator[Daemon]:
             proc.wait()
 
 
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """The sample at ``fraction`` of the sorted samples (nearest rank)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
 @contextlib.contextmanager
 def temp_root(prefix: str = "fml-bench-") -> Iterator[Path]:
     """A short temp directory (Unix socket paths are limited to 107 bytes), removed after."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import temp_root
+from common import percentile, temp_root
 from status_100k import Daemon, measure_status
 
 from fetchml.client import Connection
@@ -145,7 +145,7 @@ def main() -> None:
     fml_rate, tsp_rate = args.jobs / fml_s, args.jobs / tsp_s
     lat_ms = sorted(s * 1000 for s in latencies)
     p50 = statistics.median(lat_ms)
-    p90 = lat_ms[int(len(lat_ms) * 0.9) - 1]
+    p90 = percentile(lat_ms, 0.9)
     print(f"# fetchml jobs vs task-spooler  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(f"# {machine()}")
     print(f"{'measure':<44}{'fetchml':>12}{'tsp':>12}{'ratio':>9}   goal")

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_env, machine_line, temp_root
+from common import bench_env, machine_line, percentile, temp_root
 
 from fetchml.client import Connection, Target, connect
 from fetchml.client.transfer import sync_tree
@@ -141,7 +141,7 @@ def measure(root: Path, store: str, submits: int, sweep: int, runs: int) -> dict
             "submit_p50_ms": statistics.median(round_trips) * 1000,
             "sweep_jobs_per_s": sweep / sweep_s,
             "start_p50_ms": statistics.median(lat_ms),
-            "start_p90_ms": lat_ms[max(0, int(len(lat_ms) * 0.9) - 1)]}
+            "start_p90_ms": percentile(lat_ms, 0.9)}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import fetchml_command, machine_line, running_daemon, temp_root
+from common import fetchml_command, machine_line, percentile, running_daemon, temp_root
 from sync_vs_rsync import FILES_PER_DIR, build_tree
 
 GOAL_P50_MS, GOAL_P95_MS = 300.0, 600.0
@@ -39,11 +39,6 @@ def edited_file(tree: Path, files: int, index: int) -> Path:
     number = (index * 7919) % files  # spread the edits over the whole tree
     leaf = number // FILES_PER_DIR
     return tree / f"pkg{leaf // 10:02d}" / f"mod{leaf % 10:02d}" / f"file{number:05d}.py"
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
 class WatchProcess:
