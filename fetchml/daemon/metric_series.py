@@ -158,9 +158,6 @@ class StoredMetrics:
                 "counts": {n: self.counts.get(n, 0) for n in chosen},
                 "series": {n: series_to_wire(*p, wanted) for n, p in chosen.items()}}
 
-    def point_total(self) -> int:
-        return sum(len(steps) for steps, _ in self.points.values())
-
 
 # -- reading what the job writes --------------------------------------------------------------
 _DECODER = json.JSONDecoder()  # on str: skips the encoding sniffing of json.loads(bytes)
