@@ -253,11 +253,14 @@ def test_launching_one_run_directory_twice_runs_the_job_once(raw_launcher: RawLa
     first, second = raw_launcher.ask(request), raw_launcher.ask(request)
     assert first["pid"] != second["pid"]
     wait_for(lambda: read_status(run_dir) is not None)
-    wait_for(lambda: not process_matches(second["pid"], second["create_time"]))
+    wait_for(lambda: not any(process_matches(launched["pid"], launched["create_time"])
+                             for launched in (first, second)))
     assert (run_dir / "runs").read_text() == "run\n"
     info = read_supervisor_info(run_dir)
     assert info is not None
-    assert info.pid == first["pid"]
+    # Both supervisors race for the run's lock: usually the first forked wins, but under load
+    # the second can; either way exactly one of them ran the job.
+    assert info.pid in (first["pid"], second["pid"])
 
 
 async def test_throughput_of_trivial_jobs(launcher: SupervisorLauncher, tmp_path: Path) -> None:
