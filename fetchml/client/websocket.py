@@ -156,7 +156,10 @@ class WebSocket:
                 raise ConnectionClosed(1006, str(exc)) from exc
 
     def _read_exact(self, n: int) -> bytes:
-        data = self._reader.read(n)
+        try:
+            data = self._reader.read(n)
+        except ValueError as exc:  # close() from another thread released the reader mid-read
+            raise ConnectionClosed(1006, "connection closed") from exc
         if data is None or len(data) != n:
             raise ConnectionClosed(1006, "connection lost")
         return data

@@ -253,3 +253,14 @@ def test_health_endpoint_answers_plain_http(daemon: DaemonProcess) -> None:
     sock.close()
     assert data.startswith(b"HTTP/1.1 200")
     assert b'"status": "ok"' in data
+
+
+def test_a_websocket_closed_under_its_reader_reports_a_closed_connection() -> None:
+    # Ctrl-C closes a connection from the main thread while its reader thread is reading.
+    ours, theirs = socket.socketpair()
+    with contextlib.closing(theirs):
+        ws = WebSocket(ours, mask_frames=True, max_frame=1 << 20)
+        ws.close()
+        with pytest.raises(ConnectionClosed):
+            ws.receive()
+
