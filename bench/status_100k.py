@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from common import temp_root  # noqa: E402  (importing common writes fetchml's bytecode)
 
 from fetchml.client import Connection, Target, connect  # noqa: E402
-from fetchml.daemon.store.base import Job, JobState  # noqa: E402
+from fetchml.daemon.jobs.model import Job, JobState  # noqa: E402
 from fetchml.daemon.store.sqlite import SqliteJobStore  # noqa: E402
 from fetchml.daemon.store.sqlite_schema import INSERT_JOB, job_to_row  # noqa: E402
 

@@ -21,18 +21,22 @@ from fetchml import __version__
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore
 from fetchml.config import DaemonSettings
-from fetchml.daemon import cluster, datasets, isolation, jobmetrics
-from fetchml.daemon.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
+from fetchml.daemon.cluster import membership as cluster
+from fetchml.daemon.datasets import service as datasets
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.handlers import HANDLERS, Call, load_all
-from fetchml.daemon.metrics import CONTENT_TYPE, DaemonMetrics
-from fetchml.daemon.resources import HostInventory, detect_inventory
-from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate, periodic, prune_jobs
-from fetchml.daemon.runner import Runner
-from fetchml.daemon.scheduler import Capacity, Scheduler, never_fits
+from fetchml.daemon.isolation import service as isolation
+from fetchml.daemon.jobs.inventory import HostInventory, detect_inventory
+from fetchml.daemon.jobs.model import Job, JobSpec
+from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate, periodic, prune_jobs
+from fetchml.daemon.jobs.runner import Runner
+from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
+from fetchml.daemon.observe import training as jobmetrics
+from fetchml.daemon.observe.prometheus import CONTENT_TYPE, DaemonMetrics
+from fetchml.daemon.security.auth import Authenticator, Knock, SlowedRefusal, peer_credentials
 from fetchml.daemon.session import Session
 from fetchml.daemon.store import open_job_store
-from fetchml.daemon.store.base import Job, JobSpec, JobStore
+from fetchml.daemon.store.contract import JobStore
 from fetchml.errors import (
     BadRequest,
     FetchmlError,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
-from fetchml.daemon.store.base import Job
+from fetchml.daemon.jobs.model import Job
 from fetchml.errors import Unavailable
 
 log = logging.getLogger(__name__)

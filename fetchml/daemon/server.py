@@ -22,9 +22,9 @@ from aiohttp import web
 from fetchml.config import DaemonSettings, daemon_socket_path
 from fetchml.daemon import sdnotify
 from fetchml.daemon.app import DAEMON_CORE, DaemonCore, create_app, create_metrics_app
-from fetchml.daemon.auth import check_users, load_roles
-from fetchml.daemon.cluster import advertised_address
-from fetchml.daemon.netpolicy import NetworkPolicy
+from fetchml.daemon.cluster.membership import advertised_address
+from fetchml.daemon.security.auth import check_users, load_roles
+from fetchml.daemon.security.netpolicy import NetworkPolicy
 from fetchml.errors import ConfigError, Conflict, FetchmlError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from fetchml.protocol import (
 
 if TYPE_CHECKING:
     from fetchml.daemon.app import DaemonCore
-    from fetchml.daemon.auth import Identity
+    from fetchml.daemon.security.auth import Identity
 
 log = logging.getLogger(__name__)
 

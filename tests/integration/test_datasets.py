@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from fetchml.daemon import isolation
-from fetchml.daemon.dataset_registry import REMOVING, SqliteDatasetRegistry
+from fetchml.daemon.datasets.registry import REMOVING, SqliteDatasetRegistry
+from fetchml.daemon.isolation import service as isolation
 from fetchml.errors import Conflict, NotFound, PermissionDenied
 from tests.conftest import DaemonProcess, RedisServer, make_daemon
 

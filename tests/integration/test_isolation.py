@@ -21,8 +21,8 @@ import pytest
 
 from fetchml.client import Connection
 from fetchml.client.transfer import sync_tree
-from fetchml.daemon.cgroups import JOBS_DIR
-from fetchml.daemon.isolation import daemon_tag
+from fetchml.daemon.isolation.cgroups import JOBS_DIR
+from fetchml.daemon.isolation.service import daemon_tag
 from fetchml.errors import BadRequest
 from tests.conftest import DaemonProcess, make_daemon
 

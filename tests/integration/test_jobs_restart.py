@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.processes import RunStatus
-from fetchml.daemon.resources import HostInventory
-from fetchml.daemon.runner import Runner
+from fetchml.daemon.jobs.inventory import HostInventory
+from fetchml.daemon.jobs.runner import Runner
 from fetchml.daemon.store import AttemptResult, Claim, Job, JobSpec, JobState, SqliteJobStore
+from fetchml.daemon.supervise.records import RunStatus
 from tests.conftest import make_daemon
 from tests.integration.test_jobs import Jobs, sh
 

@@ -17,9 +17,9 @@ from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.objects import ObjectStore
 from fetchml.client.transfer import sync_tree
-from fetchml.daemon.cluster_fetch import Peer, SnapshotFetcher
-from fetchml.daemon.cluster_peer import PeerPool
-from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate
+from fetchml.daemon.cluster.fetch import Peer, SnapshotFetcher
+from fetchml.daemon.cluster.peers import PeerPool
+from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate
 from fetchml.daemon.store import MemoryJobStore
 from fetchml.errors import Unavailable
 from fetchml.protocol import Limits, decode, encode

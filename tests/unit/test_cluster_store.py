@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from fetchml.daemon.cluster import advertised_address
-from fetchml.daemon.cluster_events import EventBridge
-from fetchml.daemon.cluster_registry import HostRecord, HostRegistry
+from fetchml.daemon.cluster.events import EventBridge
+from fetchml.daemon.cluster.membership import advertised_address
+from fetchml.daemon.cluster.registry import HostRecord, HostRegistry
 from fetchml.daemon.events import JobEvents
-from fetchml.daemon.scheduler import Capacity, Scheduler
+from fetchml.daemon.jobs.scheduler import Capacity, Scheduler
 from fetchml.daemon.store import AttemptResult, Claim, Job, JobSpec, JobState, MemoryJobStore
 from fetchml.daemon.store.redis import RedisJobStore, event_message
 from fetchml.errors import ConfigError, Conflict, Unavailable

@@ -19,8 +19,8 @@ from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore
 from fetchml.cas.scan import scan_tree
-from fetchml.daemon.dataset_cache import DatasetCache, fingerprint
-from fetchml.daemon.dataset_registry import (
+from fetchml.daemon.datasets.cache import DatasetCache, fingerprint
+from fetchml.daemon.datasets.registry import (
     READY,
     REMOVED,
     REMOVING,
@@ -29,8 +29,8 @@ from fetchml.daemon.dataset_registry import (
     SqliteDatasetRegistry,
     owner_of,
 )
-from fetchml.daemon.dataset_registry_redis import RedisDatasetRegistry
-from fetchml.daemon.datasets import DatasetService, link_into_workspace, pick_version
+from fetchml.daemon.datasets.registry_redis import RedisDatasetRegistry
+from fetchml.daemon.datasets.service import DatasetService, link_into_workspace, pick_version
 from fetchml.daemon.store import JobSpec, MemoryJobStore
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from fetchml.config import DaemonSettings
-from fetchml.daemon.isolation import CpuPool, allowed_modes, daemon_tag, find_tools, job_isolation
-from fetchml.daemon.processes import RunSpec, read_status, write_json_atomic
-from fetchml.daemon.sandbox import (
+from fetchml.daemon.isolation.sandbox import (
     BWRAP_WRAPPER_DEPTH,
     PODMAN_ENV_FILE,
     Layout,
@@ -27,6 +25,14 @@ from fetchml.daemon.sandbox import (
     podman_argv,
     podman_env_file,
 )
+from fetchml.daemon.isolation.service import (
+    CpuPool,
+    allowed_modes,
+    daemon_tag,
+    find_tools,
+    job_isolation,
+)
+from fetchml.daemon.supervise.records import RunSpec, read_status, write_json_atomic
 from fetchml.errors import BadRequest, ConfigError
 from tests.unit.test_limits import PACKAGE_ROOT
 
@@ -214,7 +220,7 @@ def test_sigterm_reaches_the_command_and_spares_the_sandbox(tmp_path: Path) -> N
                    cwd=layout.cwd, kill_grace=10.0, wrapper_depth=BWRAP_WRAPPER_DEPTH)
     write_json_atomic(layout.run_dir / "spec.json", spec.to_dict())
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "fetchml.daemon.supervisor", str(layout.run_dir)],
+        [sys.executable, "-m", "fetchml.daemon.supervise.supervisor", str(layout.run_dir)],
         env={**os.environ, "PYTHONPATH": PACKAGE_ROOT}, start_new_session=True)
     deadline = time.monotonic() + 20
     while not (layout.outputs / "ready").exists():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fetchml.cli.tui.model import JobBoard, gpu_rows, requeue_spec
 from fetchml.cli.tui.plot import WatchedMetrics, braille_lines
-from fetchml.daemon.metric_series import (
+from fetchml.daemon.observe.series import (
     MAX_LINE_BYTES,
     MAX_NAME,
     MAX_SERIES,

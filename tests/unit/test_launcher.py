@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 import pytest
 
-import fetchml.daemon.launcher as launcher_module
-from fetchml.daemon.launcher import SupervisorHandle, SupervisorLauncher
-from fetchml.daemon.processes import (
+import fetchml.daemon.supervise.launcher as launcher_module
+from fetchml.daemon.supervise.launcher import SupervisorHandle, SupervisorLauncher
+from fetchml.daemon.supervise.records import (
     process_matches,
     read_status,
     read_supervisor_info,
@@ -69,7 +69,7 @@ class RawLauncher:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fetchml.daemon.launcher"],
+            [sys.executable, "-m", "fetchml.daemon.supervise.launcher"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
         )
         self.ready = self.read()

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import fetchml.daemon.supervisor as supervisor_module
-from fetchml.daemon import cgroups
-from fetchml.daemon.limits import cgroup_counter, format_size, tree_size
-from fetchml.daemon.processes import RunSpec, RunStatus, read_status
+import fetchml.daemon.supervise.supervisor as supervisor_module
+from fetchml.daemon.isolation import cgroups
+from fetchml.daemon.supervise.job_limits import cgroup_counter, format_size, tree_size
+from fetchml.daemon.supervise.records import RunSpec, RunStatus, read_status
 from fetchml.errors import BadRequest
 
 PACKAGE_ROOT = str(Path(supervisor_module.__file__).resolve().parents[2])
@@ -30,7 +30,7 @@ def supervise(run_dir: Path, argv: list[str], **fields: Any) -> RunStatus:
     spec = {"argv": argv, "env": JOB_ENV, "cwd": str(run_dir), "kill_grace": 2.0, **fields}
     (run_dir / "spec.json").write_text(json.dumps(spec))
     process = subprocess.run(
-        [sys.executable, "-m", "fetchml.daemon.supervisor", str(run_dir)],
+        [sys.executable, "-m", "fetchml.daemon.supervise.supervisor", str(run_dir)],
         env={**os.environ, "PYTHONPATH": PACKAGE_ROOT}, start_new_session=True,
         stdin=subprocess.DEVNULL, timeout=60, check=False)
     assert process.returncode == 0

@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import fetchml.daemon.resources as resources
-from fetchml.daemon.resources import (
+import fetchml.daemon.jobs.inventory as resources
+from fetchml.daemon.jobs.inventory import (
     GpuInfo,
     HostInventory,
     detect_gpus,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fetchml.daemon.events import JobEvents
-from fetchml.daemon.scheduler import (
+from fetchml.daemon.jobs.scheduler import (
     Capacity,
     Scheduler,
     change_order,

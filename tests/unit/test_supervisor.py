@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-import fetchml.daemon.supervisor as supervisor_module
-from fetchml.daemon.processes import (
+import fetchml.daemon.supervise.supervisor as supervisor_module
+from fetchml.daemon.supervise.records import (
     RunSpec,
     RunStatus,
     SupervisorInfo,
@@ -29,7 +29,7 @@ from fetchml.daemon.processes import (
     signal_supervisor,
     wait_process_exit,
 )
-from fetchml.daemon.supervisor import EXIT_ALREADY_SUPERVISED
+from fetchml.daemon.supervise.supervisor import EXIT_ALREADY_SUPERVISED
 from fetchml.errors import BadRequest
 
 PACKAGE_ROOT = str(Path(supervisor_module.__file__).resolve().parents[2])
@@ -57,7 +57,7 @@ def write_spec(run_dir: Path, argv: list[str], **fields: Any) -> Path:
 def start_supervisor(run_dir: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
     return subprocess.Popen(
-        [sys.executable, "-m", "fetchml.daemon.supervisor", str(run_dir)],
+        [sys.executable, "-m", "fetchml.daemon.supervise.supervisor", str(run_dir)],
         env=env,
         start_new_session=True,  # as the launcher does: signals to the test never reach it
         stdin=subprocess.DEVNULL,

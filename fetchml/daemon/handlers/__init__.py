@@ -15,7 +15,7 @@ from fetchml.protocol.ops import CATALOGUE
 
 if TYPE_CHECKING:
     from fetchml.daemon.app import DaemonCore
-    from fetchml.daemon.auth import Identity
+    from fetchml.daemon.security.auth import Identity
     from fetchml.daemon.session import Session
 
 Handler = Callable[["Call"], Awaitable[Any]]

@@ -7,7 +7,7 @@ from typing import Any
 
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
-from fetchml.daemon.store.base import TERMINAL_STATES
+from fetchml.daemon.jobs.model import TERMINAL_STATES
 from fetchml.errors import Conflict, NotFound, Unavailable
 
 

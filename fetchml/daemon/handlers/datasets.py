@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fetchml.cas.manifest import summarize_validated
-from fetchml.daemon.dataset_registry import REMOVED, DatasetVersion, owner_of
-from fetchml.daemon.datasets import service
+from fetchml.daemon.datasets.registry import REMOVED, DatasetVersion, owner_of
+from fetchml.daemon.datasets.service import service
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import may_see
 from fetchml.errors import Conflict, NotFound, PermissionDenied

@@ -12,10 +12,10 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fetchml.cas.paths import validate_path
-from fetchml.daemon import datasets
+from fetchml.daemon.datasets import service as datasets
 from fetchml.daemon.handlers import Call, handles
-from fetchml.daemon.isolation import job_isolation
-from fetchml.daemon.store.base import (
+from fetchml.daemon.isolation.service import job_isolation
+from fetchml.daemon.jobs.model import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Job,

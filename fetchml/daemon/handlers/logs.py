@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fetchml.daemon.cluster import is_peer
+from fetchml.daemon.cluster.membership import is_peer
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
-from fetchml.daemon.runner import logs_path
-from fetchml.daemon.store.base import TERMINAL_STATES, Job, JobState
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
+from fetchml.daemon.jobs.runner import logs_path
 from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.errors import NotFound, Unavailable
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import get_many, visible_jobs
-from fetchml.daemon.jobmetrics import FeedItem, MetricsTracker, thin, tracker_of
-from fetchml.daemon.metric_series import StoredMetrics, wire_point
-from fetchml.daemon.store.base import TERMINAL_STATES, Job
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
+from fetchml.daemon.observe.series import StoredMetrics, wire_point
+from fetchml.daemon.observe.training import FeedItem, MetricsTracker, thin, tracker_of
 from fetchml.errors import BadRequest
 from fetchml.protocol.ops_metrics import MAX_JOBS
 

@@ -6,8 +6,8 @@ import asyncio
 from typing import Any
 
 from fetchml.daemon.handlers import Call, handles
-from fetchml.daemon.retention import PruneReport, prune_jobs
-from fetchml.daemon.store.base import TERMINAL_STATES, JobState
+from fetchml.daemon.jobs.model import TERMINAL_STATES, JobState
+from fetchml.daemon.jobs.retention import PruneReport, prune_jobs
 from fetchml.errors import BadRequest
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fetchml.daemon.store.base import (
+from fetchml.daemon.jobs.model import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     AttemptResult,
@@ -12,9 +12,9 @@ from fetchml.daemon.store.base import (
     Job,
     JobSpec,
     JobState,
-    JobStore,
     Resources,
 )
+from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.store.memory import MemoryJobStore
 from fetchml.daemon.store.sqlite import SqliteJobStore
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Sequence
 
+from fetchml.daemon.jobs.model import AttemptResult, Claim, Job, JobSpec, JobState
 from fetchml.daemon.store import transitions
-from fetchml.daemon.store.base import (
-    AttemptResult,
-    Claim,
-    Job,
-    JobSpec,
-    JobState,
-    JobStore,
-)
+from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.store.transitions import JobTransaction
 from fetchml.errors import BadRequest, Unavailable
 

@@ -40,8 +40,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError, WatchError
 
+from fetchml.daemon.jobs.model import AttemptResult, Claim, Job, JobSpec, JobState
 from fetchml.daemon.store import transitions
-from fetchml.daemon.store.base import AttemptResult, Claim, Job, JobSpec, JobState, JobStore
+from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.store.transitions import JobTransaction
 from fetchml.errors import BadRequest, InternalError, Unavailable
 

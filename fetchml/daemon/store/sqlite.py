@@ -22,15 +22,9 @@ from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
+from fetchml.daemon.jobs.model import AttemptResult, Claim, Job, JobSpec, JobState
 from fetchml.daemon.store import transitions
-from fetchml.daemon.store.base import (
-    AttemptResult,
-    Claim,
-    Job,
-    JobSpec,
-    JobState,
-    JobStore,
-)
+from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.store.sqlite_schema import (
     INSERT_JOB,
     SELECT_JOB,

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiosqlite
 
-from fetchml.daemon.store.base import Job
+from fetchml.daemon.jobs.model import Job
 from fetchml.errors import BadRequest, IntegrityError, Unavailable
 
 log = logging.getLogger(__name__)

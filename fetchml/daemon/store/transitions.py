@@ -12,14 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import fields, replace
 
-from fetchml.daemon.store.base import (
-    TERMINAL_STATES,
-    AttemptResult,
-    Claim,
-    Job,
-    JobSpec,
-    JobState,
-)
+from fetchml.daemon.jobs.model import TERMINAL_STATES, AttemptResult, Claim, Job, JobSpec, JobState
 from fetchml.errors import Conflict, NotFound
 
 # How a dependent's reason names the way its dependency ended.

@@ -11,7 +11,7 @@ import pytest
 from fetchml.cas import gc
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.retention import GarbageCollector, Pins, SweepGate
+from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate
 from fetchml.daemon.store import MemoryJobStore
 from fetchml.errors import IntegrityError
 

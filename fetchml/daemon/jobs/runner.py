@@ -32,8 +32,11 @@ from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.materialize import materialize
 from fetchml.cas.objects import ObjectStore
 from fetchml.cas.scan import scan_tree
-from fetchml.daemon.launcher import SupervisorLauncher
-from fetchml.daemon.processes import (
+from fetchml.daemon.jobs.inventory import HostInventory
+from fetchml.daemon.jobs.model import AttemptResult, Job, JobState
+from fetchml.daemon.store.contract import JobStore
+from fetchml.daemon.supervise.launcher import SupervisorLauncher
+from fetchml.daemon.supervise.records import (
     SPEC_FILE,
     RunSpec,
     RunStatus,
@@ -45,8 +48,6 @@ from fetchml.daemon.processes import (
     wait_process_exit,
     write_json_atomic,
 )
-from fetchml.daemon.resources import HostInventory
-from fetchml.daemon.store.base import AttemptResult, Job, JobState, JobStore
 from fetchml.errors import Conflict, FetchmlError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from fetchml.daemon.events import JobEvents
-from fetchml.daemon.store.base import TERMINAL_STATES, Job
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
 from fetchml.daemon.store.redis import RedisJobStore, event_message
 from fetchml.errors import FetchmlError
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from fetchml.cas import gc
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.store.base import TERMINAL_STATES, Job, JobState, JobStore
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
+from fetchml.daemon.store.contract import JobStore
 from fetchml.errors import FetchmlError, IntegrityError, NotFound
 
 log = logging.getLogger(__name__)

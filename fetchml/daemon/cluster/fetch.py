@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore, PendingObject
-from fetchml.daemon.cluster_peer import PeerConnection, PeerPool
-from fetchml.daemon.retention import GarbageCollector
+from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
+from fetchml.daemon.jobs.retention import GarbageCollector
 from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)

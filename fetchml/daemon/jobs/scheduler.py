@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fetchml.daemon.events import JobEvents
-from fetchml.daemon.store.base import TERMINAL_STATES, Claim, Job, JobSpec, JobState, JobStore
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Claim, Job, JobSpec, JobState
+from fetchml.daemon.store.contract import JobStore
 from fetchml.errors import Unavailable
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from fetchml.daemon.dataset_registry import Change, DatasetRegistry, DatasetVersion
+from fetchml.daemon.datasets.registry import Change, DatasetRegistry, DatasetVersion
 from fetchml.errors import InternalError, Unavailable
 
 log = logging.getLogger(__name__)

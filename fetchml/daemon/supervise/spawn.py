@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-from fetchml.daemon.limits import join_cgroups
-from fetchml.daemon.processes import RunSpec
+from fetchml.daemon.supervise.job_limits import join_cgroups
+from fetchml.daemon.supervise.records import RunSpec
 
 EXIT_NOT_EXECUTABLE = 126  # the shell's code for "found but cannot be executed"
 EXIT_COMMAND_NOT_FOUND = 127  # the shell's code for "command not found"

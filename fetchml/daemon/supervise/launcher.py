@@ -1,6 +1,6 @@
 """One long-lived process that forks a supervisor per job, and the daemon's client for it.
 
-Starting ``python -m fetchml.daemon.supervisor`` per job costs tens of milliseconds of
+Starting ``python -m fetchml.daemon.supervise.supervisor`` per job costs tens of milliseconds of
 interpreter start-up; forking a small interpreter that already imported everything a
 supervisor needs costs about one. So the daemon starts one launcher and asks it, one JSON line
 per job, for a supervisor:
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 
-from fetchml.daemon.processes import SPEC_FILE, SUPERVISOR_LOG
-from fetchml.daemon.supervisor import WAKE_SIGNALS, read_to_end, run_supervisor, warm_up
+from fetchml.daemon.supervise.records import SPEC_FILE, SUPERVISOR_LOG
+from fetchml.daemon.supervise.supervisor import WAKE_SIGNALS, read_to_end, run_supervisor, warm_up
 from fetchml.errors import BadRequest, FetchmlError, Unavailable, error_from_wire
 
 if TYPE_CHECKING:
@@ -46,12 +46,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LAUNCHER_MODULE = "fetchml.daemon.launcher"
+LAUNCHER_MODULE = "fetchml.daemon.supervise.launcher"
 REQUEST_TIMEOUT = 30.0  # seconds for one answer; a fork takes milliseconds even under load
 CLOSE_TIMEOUT = 5.0  # seconds for the launcher to exit after its stdin closed
 WARM_UP_AFTER = 0.05  # seconds a spare waits for work before it warms up
 # Where `fetchml` is importable from, so the launcher finds it whatever the daemon's cwd.
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class _Spare:
 
 
 def main() -> int:
-    """``python -m fetchml.daemon.launcher``: answer fork requests until stdin closes."""
+    """``python -m fetchml.daemon.supervise.launcher``: answer fork requests until stdin closes."""
     logging.basicConfig(level=logging.INFO, format="fetchml-launcher: %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon ends us by closing stdin
     signal.signal(signal.SIGCHLD, _reap_supervisors)

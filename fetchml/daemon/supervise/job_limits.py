@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from fetchml.daemon.processes import RunSpec
+from fetchml.daemon.supervise.records import RunSpec
 
 logger = logging.getLogger(__name__)
 

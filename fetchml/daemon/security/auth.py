@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fetchml.config import DaemonSettings
-from fetchml.daemon.audit import AuditLog
-from fetchml.daemon.netpolicy import NetworkPolicy
-from fetchml.daemon.ratelimit import FailedLogins, TokenBuckets
-from fetchml.daemon.users import UserRegistry
+from fetchml.daemon.security.audit import AuditLog
+from fetchml.daemon.security.netpolicy import NetworkPolicy
+from fetchml.daemon.security.ratelimit import FailedLogins, TokenBuckets
+from fetchml.daemon.security.users import UserRegistry
 from fetchml.errors import (
     ConfigError,
     FetchmlError,

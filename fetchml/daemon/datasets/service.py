@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.paths import validate_path
-from fetchml.daemon.dataset_cache import DatasetCache
-from fetchml.daemon.dataset_registry import (
+from fetchml.daemon.datasets.cache import DatasetCache
+from fetchml.daemon.datasets.registry import (
     READY,
     REGISTRY_FILE,
     REMOVED,
@@ -40,7 +40,7 @@ from fetchml.daemon.dataset_registry import (
     DatasetVersion,
     SqliteDatasetRegistry,
 )
-from fetchml.daemon.store.base import ACTIVE_STATES, Job
+from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
 
@@ -69,7 +69,7 @@ def service(core: DaemonCore) -> DatasetService:
 def open_registry(settings: DaemonSettings) -> DatasetRegistry:
     """The registry beside the job store: shared in Redis, else a file in the state dir."""
     if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        from fetchml.daemon.dataset_registry_redis import RedisDatasetRegistry
+        from fetchml.daemon.datasets.registry_redis import RedisDatasetRegistry
 
         return RedisDatasetRegistry(settings.store)
     return SqliteDatasetRegistry(settings.state_dir / REGISTRY_FILE)

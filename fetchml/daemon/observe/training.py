@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fetchml.daemon.metric_series import (
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
+from fetchml.daemon.observe.series import (
     MIN_POINTS,
     AttemptMetrics,
     Point,
@@ -34,7 +35,6 @@ from fetchml.daemon.metric_series import (
     read_series_file,
     write_series_file,
 )
-from fetchml.daemon.store.base import TERMINAL_STATES, Job, JobState
 
 if TYPE_CHECKING:
     from fetchml.daemon.app import DaemonCore

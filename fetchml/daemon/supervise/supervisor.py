@@ -31,16 +31,14 @@ from pathlib import Path
 
 import psutil
 
-from fetchml.daemon.jobspawn import SpawnFailure, exec_failure, find_executable, spawn_job
-from fetchml.daemon.jobspawn import read_to_end as read_to_end  # the launcher's too
-from fetchml.daemon.limits import (
+from fetchml.daemon.supervise.job_limits import (
     LIMIT_CHECK_INTERVAL,
     Breach,
     LimitWatch,
     remove_cgroups,
     sandbox_wrappers,
 )
-from fetchml.daemon.processes import (
+from fetchml.daemon.supervise.records import (
     INDEX_FILE_SUFFIX,
     SPEC_FILE,
     STATUS_FILE,
@@ -50,6 +48,8 @@ from fetchml.daemon.processes import (
     SupervisorInfo,
     write_json_atomic,
 )
+from fetchml.daemon.supervise.spawn import SpawnFailure, exec_failure, find_executable, spawn_job
+from fetchml.daemon.supervise.spawn import read_to_end as read_to_end  # the launcher's too
 from fetchml.errors import BadRequest
 
 logger = logging.getLogger(__name__)
@@ -388,10 +388,10 @@ class _JobWatch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fetchml.daemon.supervisor RUN_DIR``: run one attempt in the foreground."""
+    """``python -m fetchml.daemon.supervise.supervisor RUN_DIR``: run one attempt, foreground."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m fetchml.daemon.supervisor RUN_DIR\n")
+        sys.stderr.write("usage: python -m fetchml.daemon.supervise.supervisor RUN_DIR\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="supervisor: %(levelname)s %(message)s")
     return run_supervisor(Path(args[0]))

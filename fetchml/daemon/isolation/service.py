@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from fetchml.config import DaemonSettings
-from fetchml.daemon import cgroups
-from fetchml.daemon.processes import SPEC_FILE, RunSpec
-from fetchml.daemon.sandbox import (
+from fetchml.daemon.isolation import cgroups
+from fetchml.daemon.isolation.sandbox import (
     BWRAP_WRAPPER_DEPTH,
     PODMAN_ENV_FILE,
     SYSTEM_PATHS,
@@ -44,7 +43,8 @@ from fetchml.daemon.sandbox import (
     podman_argv,
     podman_env_file,
 )
-from fetchml.daemon.store.base import Job, JobState
+from fetchml.daemon.jobs.model import Job, JobState
+from fetchml.daemon.supervise.records import SPEC_FILE, RunSpec
 from fetchml.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from fetchml.daemon.store.base import TERMINAL_STATES, Job, JobState
+from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 
 if TYPE_CHECKING:
     from fetchml.daemon.app import DaemonCore

@@ -31,20 +31,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fetchml.daemon.auth import Identity, Knock
-from fetchml.daemon.cluster_events import EventBridge
-from fetchml.daemon.cluster_fetch import FetchReport, Peer, SnapshotFetcher
-from fetchml.daemon.cluster_peer import PeerConnection, PeerPool
-from fetchml.daemon.cluster_registry import HostRecord, HostRegistry
-from fetchml.daemon.processes import (
+from fetchml.daemon.cluster.events import EventBridge
+from fetchml.daemon.cluster.fetch import FetchReport, Peer, SnapshotFetcher
+from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
+from fetchml.daemon.cluster.registry import HostRecord, HostRegistry
+from fetchml.daemon.jobs.model import Job, JobSpec, JobState
+from fetchml.daemon.jobs.scheduler import never_fits
+from fetchml.daemon.security.auth import Identity, Knock
+from fetchml.daemon.store.redis import RedisJobStore
+from fetchml.daemon.supervise.records import (
     STATUS_FILE,
     process_matches,
     read_supervisor_info,
     signal_supervisor,
 )
-from fetchml.daemon.scheduler import never_fits
-from fetchml.daemon.store.base import Job, JobSpec, JobState
-from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.errors import ConfigError, Conflict, FetchmlError, NotFound, Unavailable
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""Several daemons, one Redis queue: membership, the host registry, events, object fetch, peers."""

@@ -1,0 +1,1 @@
+"""Datasets: the service jobs see, the version registries (SQLite, Redis), the per-host cache."""

@@ -1,0 +1,1 @@
+"""Observation: Prometheus metrics of the daemon, training metrics that jobs write, series."""

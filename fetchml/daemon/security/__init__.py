@@ -1,0 +1,1 @@
+"""Security: who may connect (auth, users, network policy), rate limits, the audit log."""
