@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fetchml.config import DaemonSettings
-from fetchml.daemon.security.audit import AuditLog
+from fetchml.daemon.security.audit import AuditLog, audit_key
 from fetchml.daemon.security.netpolicy import NetworkPolicy
 from fetchml.daemon.security.ratelimit import FailedLogins, TokenBuckets
 from fetchml.daemon.security.users import UserRegistry
@@ -139,7 +139,8 @@ class Authenticator:
         self.failures = FailedLogins(settings.auth_fail_threshold, settings.auth_fail_window,
                                      settings.auth_ban)
         audit_path = settings.audit_log or settings.state_dir / "logs" / "audit.log"
-        self.audit = AuditLog(audit_path, max_bytes=settings.audit_max_bytes)
+        self.audit = AuditLog(audit_path, audit_key(self.registry.secret),
+                              max_bytes=settings.audit_max_bytes)
         self.audit.open()
         self.daemon_uid = os.geteuid()
 
