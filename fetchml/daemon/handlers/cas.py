@@ -118,7 +118,7 @@ async def cas_put(call: Call) -> dict[str, Any]:
                        "per request")
     stored = await asyncio.to_thread(_store_blobs, call.core.objects, _uploads(call), blobs)
     call.core.gc.protect_objects(stored)  # some were stored already, and may be old
-    call.core.count_upload(len(stored), total)
+    call.core.metrics.count_upload(total)
     return {"stored": stored}
 
 
