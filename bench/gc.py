@@ -28,7 +28,8 @@ from common import machine_line
 from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate
+from fetchml.daemon.jobs.gc import GarbageCollector, SweepGate
+from fetchml.daemon.jobs.retention import Pins
 from fetchml.daemon.store.memory import MemoryJobStore
 
 PER_SNAPSHOT = 50_000  # files per live snapshot

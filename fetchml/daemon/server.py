@@ -21,10 +21,12 @@ from aiohttp import web
 
 from fetchml.config import DaemonSettings, daemon_socket_path
 from fetchml.daemon import sdnotify
-from fetchml.daemon.app import DAEMON_CORE, DaemonCore, create_app, create_metrics_app
+from fetchml.daemon.app import DAEMON_CORE, create_app, create_metrics_app
 from fetchml.daemon.cluster.membership import advertised_address
+from fetchml.daemon.core import DaemonCore
 from fetchml.daemon.security.auth import check_users, load_roles
 from fetchml.daemon.security.netpolicy import NetworkPolicy
+from fetchml.daemon.tasks import cancel_and_wait, every
 from fetchml.errors import ConfigError, Conflict, FetchmlError
 
 log = logging.getLogger(__name__)
@@ -212,7 +214,7 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
             period = sdnotify.watchdog_period()
             if period:
                 watchdog = asyncio.create_task(_watchdog(period, app[DAEMON_CORE]))
-                cleanups.append(lambda: _cancel(watchdog))
+                cleanups.append(lambda: cancel_and_wait(watchdog))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             if on_ready is not None:
@@ -242,17 +244,14 @@ def _url(scheme: str, address: tuple[str, int] | tuple[str, int, int, int]) -> s
     return f"{scheme}://[{host}]:{address[1]}" if ":" in host else f"{scheme}://{host}:{address[1]}"
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
 async def _watchdog(period: float, core: DaemonCore) -> None:
     """Ping systemd's watchdog while the daemon is healthy; a stuck loop stops the pings."""
-    while True:
+
+    async def ping() -> None:
         if await core.ready() is None:
             sdnotify.notify("WATCHDOG=1")
-        await asyncio.sleep(period)
+
+    await every(period, ping, name="watchdog", at_once=True)
 
 
 def _write_runtime_info(state_dir: Path, info: dict[str, object]) -> None:

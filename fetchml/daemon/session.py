@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 
 from fetchml import __version__, logctx
 from fetchml.daemon.handlers import HANDLERS, ORDERED_OPS, Call
+from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation, RateLimited
 from fetchml.protocol import (
     CATALOGUE,
@@ -29,7 +30,7 @@ from fetchml.protocol import (
 )
 
 if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
+    from fetchml.daemon.core import DaemonCore
     from fetchml.daemon.security.auth import Identity
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,19 @@ AUDITED_OPS = frozenset({"jobs.submit", "jobs.cancel", "admin.prune", "admin.use
 # How long in-flight requests may run on after the daemon is asked to stop, before they are
 # answered with "unavailable"; short, since systemd waits for us.
 SHUTDOWN_GRACE_S = 5.0
+
+
+def audit(call: Call, result: Any) -> None:
+    """Record a successful state-changing request, with a summary of what it did."""
+    summary: dict[str, Any] = {}
+    if isinstance(result, dict) and isinstance(result.get("jobs"), list):
+        summary["jobs"] = [j.get("id") for j in result["jobs"] if isinstance(j, dict)]
+        summary["names"] = [j.get("name") for j in result["jobs"] if isinstance(j, dict)]
+    for key in ("name", "role", "reason", "snapshot"):
+        if isinstance(call.args.get(key), str):
+            summary[key] = call.args[key]
+    call.core.auth.audit.record(call.op, user=call.identity.user, peer=call.identity.source,
+                                **summary)
 
 
 class _StreamCancelled(Exception):
@@ -216,10 +230,10 @@ class Session:
         started = time.monotonic()
         logctx.request_id.set(f"{self.identity.user}:{call.request_id}")
         try:
-            result = await self.core.handle(call)
+            result = await HANDLERS[call.op](call)
             await self.send(reply_ok(call.request_id, result))
             if call.op in AUDITED_OPS:
-                self.core.audit_call(call, result)
+                audit(call, result)
         except _StreamCancelled:
             await self.send(reply_ok(call.request_id, {"cancelled": True}))
         except FetchmlError as exc:
@@ -240,7 +254,7 @@ class Session:
             self.in_flight.pop(call.request_id, None)
             self.streams.discard(call.request_id)
             self._cancelled_streams.discard(call.request_id)
-            self.core.observe_request(call.op, time.monotonic() - started)
+            self.core.metrics.observe_request(call.op, time.monotonic() - started)
 
     async def _cancel_stream(self, request: Request) -> None:
         try:
@@ -272,8 +286,6 @@ class Session:
 
     async def _cancel_all(self, why: str) -> None:
         tasks = [t for t in self.in_flight.values() if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
         if tasks:
             log.debug("cancelling %d requests: %s", len(tasks), why)
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)

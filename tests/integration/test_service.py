@@ -168,6 +168,35 @@ def test_metrics_are_all_present_and_move_as_jobs_run(short_tmp: Path) -> None:
         daemon.stop()
 
 
+def test_syncing_a_copy_of_a_synced_tree_counts_deduplicated_bytes(short_tmp: Path) -> None:
+    daemon = make_daemon(short_tmp, "--metrics-listen", "127.0.0.1:0", FETCHML_GPUS="0")
+    daemon.start()
+    try:
+        url = str(daemon.runtime_info["metrics"])
+        first = short_tmp / "one"
+        (first / "pkg").mkdir(parents=True)
+        (first / "train.py").write_text("print('train')\n")
+        (first / "pkg" / "data.bin").write_bytes(bytes(range(256)) * 64)
+        done = daemon.cli("sync", "--json", str(first))
+        assert done.returncode == 0, done.stderr
+        synced = json.loads(done.stdout)
+        assert synced["sent_bytes"] == synced["bytes"] > 0
+        assert value(scrape(url), "fetchml_sync_deduplicated_bytes_total") == 0
+        received = value(scrape(url), "fetchml_sync_received_bytes_total")
+        assert received >= synced["bytes"]
+        copy = short_tmp / "elsewhere" / "two"
+        shutil.copytree(first, copy)
+        done = daemon.cli("sync", "--json", str(copy))
+        assert done.returncode == 0, done.stderr
+        again = json.loads(done.stdout)
+        assert again["snapshot"] == synced["snapshot"] and again["sent_bytes"] == 0
+        after = scrape(url)
+        assert value(after, "fetchml_sync_deduplicated_bytes_total") == synced["bytes"] > 0
+        assert value(after, "fetchml_sync_received_bytes_total") == received
+    finally:
+        daemon.stop()
+
+
 def daemon_metrics_with_queue(daemon: DaemonProcess, project: Path) -> str:
     """Queue more jobs than fit and return the metrics URL (queue depth by priority shows)."""
     for priority in ("3", "7"):

@@ -19,7 +19,8 @@ from fetchml.cas.objects import ObjectStore
 from fetchml.client.transfer import sync_tree
 from fetchml.daemon.cluster.fetch import Peer, SnapshotFetcher
 from fetchml.daemon.cluster.peers import PeerPool
-from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate
+from fetchml.daemon.jobs.gc import GarbageCollector, SweepGate
+from fetchml.daemon.jobs.retention import Pins
 from fetchml.daemon.store import MemoryJobStore
 from fetchml.errors import Unavailable
 from fetchml.protocol import Limits, decode, encode

@@ -9,7 +9,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import redis
@@ -365,13 +364,16 @@ async def test_the_service_materialises_once_and_lists_what_a_host_must_fetch(
     snapshots.put_bytes(manifest.encode())
     jobs = MemoryJobStore()
     await jobs.open()
-    core = SimpleNamespace(objects=objects, snapshots=snapshots, jobs=jobs, cluster=None,
-                           settings=SimpleNamespace(name="h"))
     registry = SqliteDatasetRegistry(tmp_path / "datasets.db")
     await registry.open()
     cache = DatasetCache(tmp_path / "datasets", objects)
     cache.open()
-    svc = DatasetService(core, registry, cache)  # type: ignore[arg-type]
+    fetched: list[str] = []
+
+    async def fetch(snapshot: str) -> None:  # in a cluster: from a host that has it
+        fetched.append(snapshot)
+
+    svc = DatasetService(jobs, objects, snapshots, "h", registry, cache, fetch)
     try:
         version, _ = await svc.record(draft(snapshot=snapshot))
         assert svc.roots() == [snapshot]
@@ -382,6 +384,7 @@ async def test_the_service_materialises_once_and_lists_what_a_host_must_fetch(
         assert await svc.objects_for(job) == []
         await asyncio.gather(*(svc.before_prepare(job) for _ in range(10)))
         assert cache.materialisations == 1
+        assert fetched == [snapshot] * 10
         run_dir = tmp_path / "run"
         (run_dir / "work").mkdir(parents=True)
         svc.workspace(job, run_dir)

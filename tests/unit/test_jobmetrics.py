@@ -3,6 +3,7 @@ and the dashboard's client-side series and braille plot."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from fetchml.cli.tui.model import JobBoard, gpu_rows, requeue_spec
 from fetchml.cli.tui.plot import WatchedMetrics, braille_lines
+from fetchml.daemon.jobs.model import Job, JobState
 from fetchml.daemon.observe.series import (
     MAX_LINE_BYTES,
     MAX_NAME,
@@ -32,6 +34,7 @@ from fetchml.daemon.observe.series import (
     series_file_limit,
     write_series_file,
 )
+from fetchml.daemon.observe.training import SERIES_FILE, MetricsTracker
 
 
 def line(**values: object) -> bytes:
@@ -248,3 +251,37 @@ def test_gpu_rows_say_who_holds_each_gpu_and_requeue_keeps_the_options() -> None
     spec = requeue_spec(original)
     assert spec["retries"] == 2 and spec["gpus"] == 1 and spec["datasets"] == ["d@1"]
     assert "after" not in spec and spec["isolation"] == "bwrap" and spec["workdir"] == "src"
+
+
+# -- the tracker, built with what it uses (no daemon) -----------------------------------------
+
+async def test_the_tracker_follows_a_running_attempt_and_keeps_its_series_when_it_ends(
+        tmp_path: Path) -> None:
+    def run_dir_of(job_id: int, attempt: int) -> Path:
+        return tmp_path / str(job_id) / str(attempt)
+
+    def attempt(state: JobState) -> Job:
+        return Job(id=7, name="t", owner="me", snapshot="0" * 64, argv=("true",), state=state,
+                   created_at=1.0, attempt=1, host="h", started_at=2.0)
+
+    run_dir_of(7, 1).mkdir(parents=True)
+    tracker = MetricsTracker("h", 100, run_dir_of)
+    running = attempt(JobState.RUNNING)
+    tracker.create_file(running, run_dir_of(7, 1))
+    assert tracker.environment(running, run_dir_of(7, 1)) == {
+        "FETCHML_METRICS_FILE": str(run_dir_of(7, 1) / "metrics.jsonl")}
+    async with tracker.running([running]):
+        with tracker.feed(frozenset({7})) as feed:
+            with open(run_dir_of(7, 1) / "metrics.jsonl", "ab") as out:
+                out.write(line(step=1, loss=0.5) + line(step=2, loss=0.25))
+            item = await asyncio.wait_for(feed.queue.get(), 5)
+            assert item.kind == "points" and item.records == 2
+            current = tracker.current(7)
+            assert current is not None and list(current.points["loss"][1]) == [0.5, 0.25]
+            tracker.job_changed(attempt(JobState.SUCCEEDED))
+            while (item := await asyncio.wait_for(feed.queue.get(), 5)).kind != "end":
+                pass
+    assert tracker.current(7) is None
+    assert (run_dir_of(7, 1) / SERIES_FILE).is_file()
+    kept = await tracker.load(attempt(JobState.SUCCEEDED))
+    assert list(kept.points["loss"][1]) == [0.5, 0.25]

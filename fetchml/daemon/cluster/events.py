@@ -1,4 +1,4 @@
-"""Other hosts' job changes, from Redis pub/sub into this daemon's ``core.events``.
+"""Other hosts' job changes, from Redis pub/sub into this daemon's ``JobEvents``.
 
 Every step a RedisJobStore commits is published as ``{"origin", "jobs"}``; changes this
 daemon made itself were already published locally when made, so their echoes are skipped.

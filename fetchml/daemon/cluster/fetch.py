@@ -19,7 +19,8 @@ from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore, PendingObject
 from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
-from fetchml.daemon.jobs.retention import GarbageCollector
+from fetchml.daemon.jobs.gc import GarbageCollector
+from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,7 @@ class SnapshotFetcher:
         try:
             await asyncio.gather(*workers)
         finally:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await cancel_and_wait(*workers)
             if done:
                 batch = done[:]
                 done.clear()

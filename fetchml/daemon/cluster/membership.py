@@ -28,16 +28,22 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from fetchml.cas.objects import ObjectStore
+from fetchml.config import DaemonSettings
 from fetchml.daemon.cluster.events import EventBridge
 from fetchml.daemon.cluster.fetch import FetchReport, Peer, SnapshotFetcher
 from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
 from fetchml.daemon.cluster.registry import HostRecord, HostRegistry
+from fetchml.daemon.events import JobEvents
+from fetchml.daemon.jobs.gc import GarbageCollector
+from fetchml.daemon.jobs.inventory import HostInventory
 from fetchml.daemon.jobs.model import Job, JobSpec, JobState
-from fetchml.daemon.jobs.scheduler import never_fits
-from fetchml.daemon.security.auth import Identity, Knock
+from fetchml.daemon.jobs.runner import Runner
+from fetchml.daemon.jobs.scheduler import Scheduler, never_fits
+from fetchml.daemon.security.auth import Authenticator, Identity, Knock
 from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.daemon.supervise.records import (
     STATUS_FILE,
@@ -45,10 +51,8 @@ from fetchml.daemon.supervise.records import (
     read_supervisor_info,
     signal_supervisor,
 )
+from fetchml.daemon.tasks import cancel_and_wait, periodic
 from fetchml.errors import ConfigError, Conflict, FetchmlError, NotFound, Unavailable
-
-if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +107,32 @@ def _live_supervisors(runs_dir: Path) -> list[tuple[int, int, int, float]]:
 
 
 class Cluster:
-    """This daemon's membership of a cluster; ``core.cluster`` while the store is Redis."""
+    """This daemon's membership of a cluster, while the job store is Redis.
 
-    def __init__(self, core: DaemonCore, store: RedisJobStore) -> None:
-        s = core.settings
-        self.core, self.store = core, store
+    It renews this host's lease and reaps others (``store``, the ``scheduler``'s free
+    resources, the ``runner``'s attempts, changes published on ``events``), fetches snapshots
+    for jobs from other hosts (into ``objects`` and ``snapshots``, under ``gc``), and admits
+    other daemons (``auth``'s network policy and audit log). ``listen_url`` is this daemon's
+    TCP listener, the address peers reach it at unless ``advertise`` says otherwise.
+    """
+
+    def __init__(self, settings: DaemonSettings, store: RedisJobStore, *,
+                 listen_url: str | None, inventory: HostInventory, objects: ObjectStore,
+                 snapshots: ObjectStore, gc: GarbageCollector, events: JobEvents,
+                 scheduler: Scheduler, runner: Runner, auth: Authenticator) -> None:
+        s = settings
+        self.store, self.inventory, self.events = store, inventory, events
+        self.scheduler, self.runner, self.auth = scheduler, runner, auth
         self.name = s.name
         self.secret = s.cluster_secret or ""
         self.heartbeat_interval, self.lease_timeout = s.heartbeat_interval, s.lease_timeout
         self.instance = secrets.token_hex(8)
         store.origin = self.instance  # our own changes come back tagged with it: skipped
-        self.address = advertised_address(s.advertise, core.listen_url)
+        self.address = advertised_address(s.advertise, listen_url)
         self.started_at = time.time()
         self.registry = HostRegistry(store)
         self.pool = PeerPool(self.secret)
-        self.fetcher = SnapshotFetcher(core.objects, core.snapshots, core.gc, self.pool,
+        self.fetcher = SnapshotFetcher(objects, snapshots, gc, self.pool,
                                        self.peers)
         self.hosts: dict[str, HostRecord] = {}
         self.server_now = 0.0  # Redis time at the last heartbeat
@@ -125,9 +140,9 @@ class Cluster:
         self._full_check_at = 0.0  # monotonic time of the next look at every running job
         self._stopping: set[tuple[int, int]] = set()  # attempts already told to stop
         self._unheld: set[tuple[int, int]] = set()  # running here per the store, not held
-        self.bridge = EventBridge(store, core.events, self.instance,
+        self.bridge = EventBridge(store, events, self.instance,
                                   on_remote=self._remote_change,
-                                  on_gap=core.scheduler.request_resync)
+                                  on_gap=scheduler.request_resync)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
@@ -139,36 +154,33 @@ class Cluster:
         self.server_now = await self.registry.register(self.record(), self.lease_timeout)
         self._healthy_since = time.monotonic()
         await self.refresh_hosts()
-        self.core.runner.hooks.before_prepare.append(self._fetch_for_job)
         stack.push_async_callback(self.pool.close)
-        for work, name in ((self.bridge.run, "cluster-events"), (self._beat, "heartbeat")):
-            task = asyncio.create_task(work(), name=name)
-            stack.push_async_callback(_cancel, task)
+        bridge = asyncio.create_task(self.bridge.run(), name="cluster-events")
+        stack.push_async_callback(cancel_and_wait, bridge)
+        await stack.enter_async_context(periodic(self.heartbeat_interval, self._beat,
+                                                 name="heartbeat"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.bridge.connected.wait(), SUBSCRIBE_WAIT_S)
         log.info("host %s joined the cluster at %s (%d hosts known)", self.name,
                  self.address or "no address", len(self.hosts))
 
     def record(self) -> HostRecord:
-        inventory = self.core.inventory.to_dict()
+        inventory = self.inventory.to_dict()
         del inventory["name"]
-        free = self.core.scheduler.free()
+        free = self.scheduler.free()
         return HostRecord(name=self.name, address=self.address, resources=inventory,
                           free={"cpus": free.cpus, "memory": free.memory,
                                 "gpus": list(free.gpus)},
                           instance=self.instance, started_at=self.started_at)
 
     async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                await self.beat_once()
-            except FetchmlError as exc:
-                if self._healthy_since is not None:
-                    log.warning("heartbeat failed (%s); jobs keep running, retrying", exc)
-                self._healthy_since = None
-            except Exception:  # the heartbeat must outlive any bug in what follows it
-                log.exception("cluster heartbeat failed; retrying")
+        """One heartbeat; any other failure is logged by ``periodic``, which beats on."""
+        try:
+            await self.beat_once()
+        except FetchmlError as exc:
+            if self._healthy_since is not None:
+                log.warning("heartbeat failed (%s); jobs keep running, retrying", exc)
+            self._healthy_since = None
 
     async def beat_once(self) -> None:
         """Renew the lease, then reap silent hosts and stop attempts this host lost."""
@@ -218,10 +230,10 @@ class Cluster:
                 continue  # it ended meanwhile, or another daemon reaped it first
             log.warning("job %d attempt %d: %s (silent %.0f s); %s", job.id, job.attempt, why,
                         now - host.last_seen if host else 0.0, updated.state.value)
-            self.core.publish(updated)
+            self.events.publish(updated)
             reaped.append(updated)
         if reaped:
-            self.core.scheduler.wake()
+            self.scheduler.wake()
         return reaped
 
     async def release_unheld_jobs(self) -> list[Job]:
@@ -232,7 +244,7 @@ class Cluster:
         renewing would hold the job forever. A job must be seen so on two heartbeats in a
         row, so an attempt that is just starting or ending is never taken for one.
         """
-        runner = self.core.runner
+        runner = self.runner
         unheld = {(job.id, job.attempt): job for job in await self.store.running(self.name)
                   if not runner.holds(job.id)}
         suspects, self._unheld = self._unheld, set(unheld)
@@ -247,15 +259,15 @@ class Cluster:
                 continue
             log.warning("job %d attempt %d was claimed here but never started; %s", job.id,
                         job.attempt, updated.state.value)
-            self.core.publish(updated)
+            self.events.publish(updated)
             released.append(updated)
         if released:
-            self.core.scheduler.wake()
+            self.scheduler.wake()
         return released
 
     async def stop_stale_attempts(self) -> None:
         """Stop the attempts running here that no longer hold their job."""
-        held = list(self.core.runner.attempts.values())
+        held = list(self.runner.attempts.values())
         if not held:
             return
         current = {job.id: job for job in
@@ -283,10 +295,10 @@ class Cluster:
             return
         self._stopping.add((job_id, attempt))
         log.warning("job %d attempt %d: %s; stopping it", job_id, attempt, why)
-        self.core.runner.cancel(job_id)
+        self.runner.cancel(job_id)
 
     def _remote_change(self, job: Job) -> None:
-        attempt = self.core.runner.attempts.get(job.id)
+        attempt = self.runner.attempts.get(job.id)
         if attempt is not None:
             self._check(job, attempt.job.attempt)
 
@@ -296,7 +308,7 @@ class Cluster:
         kept = {(job.id, job.attempt) for job in held}
         stopped = 0
         for job_id, attempt, pid, created in await asyncio.to_thread(
-                _live_supervisors, self.core.runner.runs_dir):
+                _live_supervisors, self.runner.runs_dir):
             if (job_id, attempt) in kept:
                 continue
             log.warning("job %d attempt %d no longer runs on this host; stopping it", job_id,
@@ -331,7 +343,9 @@ class Cluster:
                               f"through the daemon on {name}, or give it --listen")
         return await self.pool.get(name, address)
 
-    async def _fetch_for_job(self, job: Job) -> None:
+    async def fetch_for_job(self, job: Job) -> None:
+        """The runner's ``before_prepare`` hook: the job's snapshot, from another host if
+        this one lacks it."""
         await self.fetcher.ensure(job.snapshot)
 
     async def fetch_outputs(self, job: Job) -> FetchReport:
@@ -341,7 +355,7 @@ class Cluster:
 
     def never_fits(self, spec: JobSpec) -> str | None:
         """Why no host of the cluster could ever run ``spec``, or None."""
-        why = never_fits(spec, self.core.scheduler.total)
+        why = never_fits(spec, self.scheduler.total)
         if why is None or any(_fits(h, spec) for h in self.hosts.values()
                               if h.name != self.name and self.alive(h)):
             return None
@@ -362,31 +376,17 @@ class Cluster:
         if not hmac.compare_digest(knock.key.encode(), self.secret.encode()):
             return None
         if knock.unix is None:
-            address = self.core.auth.policy.client_address(knock.peer, knock.forwarded_for)
-            if not self.core.auth.policy.allows(address):
+            address = self.auth.policy.client_address(knock.peer, knock.forwarded_for)
+            if not self.auth.policy.allows(address):
                 return None  # the regular admission refuses it, with its reason
             source = f"peer {address}"
         else:
             source = f"peer uid {knock.unix.uid}"
-        self.core.auth.audit.record("auth.success", user=PEER_USER, peer=source,
+        self.auth.audit.record("auth.success", user=PEER_USER, peer=source,
                                     role=PEER_ROLE, method="cluster_secret")
         # A peer acts as a daemon of this cluster: it stays valid for its whole session.
         return Identity(PEER_USER, PEER_ROLE, PEER_PERMISSIONS, via="uid", uid=os.geteuid(),
                         source=source)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> Cluster | None:
-    """Join the cluster when the job store is Redis; None for a standalone daemon."""
-    if not isinstance(core.jobs, RedisJobStore):
-        return None
-    cluster = Cluster(core, core.jobs)
-    await cluster.start(stack)
-    return cluster
 
 
 def is_peer(identity: Identity) -> bool:

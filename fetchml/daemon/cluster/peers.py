@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from fetchml import __version__
+from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import FetchmlError, Unavailable, error_from_wire
 from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode
 
@@ -153,8 +154,7 @@ class PeerConnection:
         self.closed = True
         with contextlib.suppress(Exception):
             await self._ws.close()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        await cancel_and_wait(self._reader)
         await self._http.close()
 
 

@@ -23,13 +23,13 @@ import contextlib
 import logging
 import os
 import time
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fetchml.cas.manifest import SnapshotManifest
+from fetchml.cas.objects import ObjectStore
 from fetchml.cas.paths import validate_path
+from fetchml.config import DaemonSettings
 from fetchml.daemon.datasets.cache import DatasetCache
 from fetchml.daemon.datasets.registry import (
     READY,
@@ -41,12 +41,9 @@ from fetchml.daemon.datasets.registry import (
     SqliteDatasetRegistry,
 )
 from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
-from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
+from fetchml.daemon.store.contract import JobStore
+from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
-
-if TYPE_CHECKING:
-    from fetchml.config import DaemonSettings
-    from fetchml.daemon.app import DaemonCore
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +51,6 @@ DATA_DIR = "data"  # in a run directory: $FETCHML_DATA_DIR, one symlink per data
 MAX_DATASETS_PER_JOB = 32
 # Shared registries: how often a daemon looks for changes made by the others (one GET).
 REFRESH_S = 1.0
-
-_SERVICES: weakref.WeakKeyDictionary[DaemonCore, DatasetService] = weakref.WeakKeyDictionary()
-
-
-def service(core: DaemonCore) -> DatasetService:
-    """The dataset service attached to ``core``."""
-    found = _SERVICES.get(core)
-    if found is None:
-        raise Unavailable("datasets are not available on this daemon yet; retry in a moment")
-    return found
 
 
 def open_registry(settings: DaemonSettings) -> DatasetRegistry:
@@ -111,14 +98,38 @@ def pick_version(versions: Sequence[DatasetVersion], ref: DatasetRef) -> Dataset
 
 
 class DatasetService:
-    """One per daemon: resolves references, keeps GC roots, and prepares jobs' data."""
+    """One per daemon: resolves references, keeps GC roots, and prepares jobs' data.
 
-    def __init__(self, core: DaemonCore, registry: DatasetRegistry, cache: DatasetCache) -> None:
-        self.core, self.registry, self.cache = core, registry, cache
+    ``fetch(snapshot)``, in a cluster, brings a whole snapshot (manifest and objects) from
+    whichever host has it, before a job here uses a dataset this host lacks.
+    """
+
+    def __init__(self, jobs: JobStore, objects: ObjectStore, snapshots: ObjectStore, host: str,
+                 registry: DatasetRegistry, cache: DatasetCache,
+                 fetch: Callable[[str], Awaitable[object]] | None = None) -> None:
+        self.jobs, self.objects, self.snapshots, self.host = jobs, objects, snapshots, host
+        self.registry, self.cache, self.fetch = registry, cache, fetch
         self._live: frozenset[str] = frozenset()  # snapshots of versions not removed
         self._known: dict[str, DatasetVersion] = {}  # "NAME@V" -> version, as last read
         self._generation: int | None = None
         self._materialising: dict[str, asyncio.Task[Path]] = {}  # snapshot -> the one writer
+
+    async def open(self) -> None:
+        """Read the registry, and remove the caches no version still needs."""
+        await self.refresh_if_changed()
+        started = time.monotonic()
+        removed = await asyncio.to_thread(self.cache.sweep, await self.snapshots_in_use())
+        if removed:
+            log.info("removed %d dataset caches no longer needed in %.2f s", len(removed),
+                     time.monotonic() - started)
+
+    async def follow_registry(self) -> None:
+        """Shared registries: pick up other daemons' pushes and removals (every REFRESH_S)."""
+        try:
+            if await self.refresh_if_changed():
+                await asyncio.to_thread(self.cache.sweep, await self.snapshots_in_use())
+        except FetchmlError as exc:
+            log.warning("dataset registry not refreshed: %s", exc.message)
 
     # -- registry view ------------------------------------------------------------------------
     async def reload(self) -> None:
@@ -129,7 +140,7 @@ class DatasetService:
 
     def roots(self) -> list[str]:
         """GC roots: snapshots of every version not removed that this host stores."""
-        return [s for s in self._live if self.core.snapshots.contains(s)]
+        return [s for s in self._live if self.snapshots.contains(s)]
 
     async def refresh_if_changed(self) -> bool:
         generation = await self.registry.generation()
@@ -194,7 +205,7 @@ class DatasetService:
     # -- removal ------------------------------------------------------------------------------
     async def users(self, refs: set[str]) -> list[Job]:
         """Held, queued or running jobs that use any of these ``NAME@V``."""
-        jobs = await self.core.jobs.list(states=ACTIVE_STATES)
+        jobs = await self.jobs.list(states=ACTIVE_STATES)
         return [job for job in jobs if any(label_of(text) in refs for text in job.datasets)]
 
     async def remove(self, versions: Sequence[DatasetVersion]) -> list[Job]:
@@ -228,7 +239,7 @@ class DatasetService:
     async def snapshots_in_use(self) -> set[str]:
         """What this host's cache must keep: live versions, and those its jobs run on."""
         keep = set(self._live)
-        for job in await self.core.jobs.running(self.core.settings.name):
+        for job in await self.jobs.running(self.host):
             for text in job.datasets:
                 with contextlib.suppress(FetchmlError):
                     ref = stored_ref(text)
@@ -250,9 +261,9 @@ class DatasetService:
         """The objects of ``job``'s datasets that this host lacks (manifests must be here)."""
         oids: set[str] = set()
         for snapshot in await self.snapshots_for(job):
-            data = await asyncio.to_thread(self.core.snapshots.read_bytes, snapshot)
+            data = await asyncio.to_thread(self.snapshots.read_bytes, snapshot)
             oids |= SnapshotManifest.decode(data).oids()
-        return await asyncio.to_thread(self.core.objects.missing, sorted(oids))
+        return await asyncio.to_thread(self.objects.missing, sorted(oids))
 
     # -- runner hooks -------------------------------------------------------------------------
     async def before_prepare(self, job: Job) -> None:
@@ -265,11 +276,8 @@ class DatasetService:
             if version.state == REMOVED:
                 raise FetchmlError(f"dataset {version.ref} was removed after the job was "
                                    "queued; queue it again with another version")
-            # The cluster's fetcher, when this daemon is part of one: a whole snapshot,
-            # manifest and objects, from whichever host has it.
-            fetcher = getattr(getattr(self.core, "cluster", None), "fetcher", None)
-            if fetcher is not None:
-                await fetcher.ensure(version.snapshot)
+            if self.fetch is not None:
+                await self.fetch(version.snapshot)
             await self._cached(version)
 
     async def _cached(self, version: DatasetVersion) -> Path:
@@ -292,7 +300,7 @@ class DatasetService:
 
     def _materialise(self, version: DatasetVersion) -> Path:
         try:
-            data = self.core.snapshots.read_bytes(version.snapshot)
+            data = self.snapshots.read_bytes(version.snapshot)
         except NotFound:
             raise FetchmlError(f"dataset {version.ref} is not stored on this host; push it to "
                                "this daemon again") from None
@@ -341,47 +349,3 @@ def link_into_workspace(work: Path, mount: str, target: Path, what: str) -> None
         raise FetchmlError(f"dataset {what} cannot be mounted at {mount}: the snapshot has "
                            "that path already; choose another mount point") from None
 
-
-async def _follow_registry(svc: DatasetService) -> None:
-    """Shared registries: pick up other daemons' pushes and removals."""
-    while True:
-        await asyncio.sleep(REFRESH_S)
-        try:
-            if await svc.refresh_if_changed():
-                await asyncio.to_thread(svc.cache.sweep, await svc.snapshots_in_use())
-        except asyncio.CancelledError:
-            raise
-        except FetchmlError as exc:
-            log.warning("dataset registry not refreshed: %s", exc.message)
-        except Exception:
-            log.exception("dataset registry not refreshed; retrying in %g s", REFRESH_S)
-
-
-async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> None:
-    """Open the registry and cache, make versions GC roots, and hook into job starts."""
-    registry = open_registry(core.settings)
-    await registry.open()
-    stack.push_async_callback(registry.close)
-    cache = DatasetCache(core.settings.state_dir.absolute() / "datasets", core.objects)
-    await asyncio.to_thread(cache.open)
-    svc = DatasetService(core, registry, cache)
-    await svc.refresh_if_changed()
-    started = time.monotonic()
-    removed = await asyncio.to_thread(cache.sweep, await svc.snapshots_in_use())
-    if removed:
-        log.info("removed %d dataset caches no longer needed in %.2f s", len(removed),
-                 time.monotonic() - started)
-    _SERVICES[core] = svc
-    core.gc.extra_roots = svc.roots
-    hooks = core.runner.hooks
-    hooks.before_prepare.append(svc.before_prepare)
-    hooks.workspace.append(svc.workspace)
-    hooks.environment.append(svc.environment)
-    if registry.shared:
-        task = asyncio.create_task(_follow_registry(svc), name="datasets-refresh")
-
-        async def stop() -> None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-        stack.push_async_callback(stop)

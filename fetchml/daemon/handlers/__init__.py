@@ -14,7 +14,7 @@ from fetchml.errors import PermissionDenied
 from fetchml.protocol.ops import CATALOGUE
 
 if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
+    from fetchml.daemon.core import DaemonCore
     from fetchml.daemon.security.auth import Identity
     from fetchml.daemon.session import Session
 

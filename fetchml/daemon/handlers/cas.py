@@ -24,6 +24,9 @@ VALIDATED_KEY = "cas.validated"
 LAST_MANIFEST_KEY = "cas.last_manifest"
 PENDING_MANIFEST_KEY = "cas.pending_manifest"
 DELTA_BASE_KEY = "cas.delta_base"  # (snapshot, its base, the base's objects) of a delta put
+# Object bytes this connection sent since it last stored a snapshot: the rest of that
+# snapshot's bytes did not need uploading (fetchml_sync_deduplicated_bytes).
+RECEIVED_KEY = "cas.received"
 # How many missing oids a refused snapshot.put lists (a client uploads exactly those).
 MISSING_LISTED = 10_000
 # Upper bound on a single object; a sync refuses bigger files long before this.
@@ -118,7 +121,8 @@ async def cas_put(call: Call) -> dict[str, Any]:
                        "per request")
     stored = await asyncio.to_thread(_store_blobs, call.core.objects, _uploads(call), blobs)
     call.core.gc.protect_objects(stored)  # some were stored already, and may be old
-    call.core.count_upload(len(stored), total)
+    call.core.metrics.count_upload(total)
+    call.session.state[RECEIVED_KEY] = call.session.state.get(RECEIVED_KEY, 0) + total
     return {"stored": stored}
 
 
@@ -257,6 +261,7 @@ async def snapshot_put(call: Call) -> dict[str, Any]:
         )
     _remember(call, outcome.snapshot)
     summary = outcome.summary
+    call.core.metrics.count_deduplicated(summary.bytes - call.session.state.pop(RECEIVED_KEY, 0))
     return {"snapshot": outcome.snapshot, "files": summary.files, "bytes": summary.bytes}
 
 

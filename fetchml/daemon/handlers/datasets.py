@@ -13,7 +13,6 @@ from typing import Any
 
 from fetchml.cas.manifest import summarize_validated
 from fetchml.daemon.datasets.registry import REMOVED, DatasetVersion, owner_of
-from fetchml.daemon.datasets.service import service
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import may_see
 from fetchml.errors import Conflict, NotFound, PermissionDenied
@@ -23,7 +22,7 @@ JOBS_NAMED = 5  # job ids a refused removal names: enough to act on, short enoug
 
 
 async def _present(call: Call, name: str) -> list[DatasetVersion]:
-    versions = await service(call.core).registry.versions(name)
+    versions = await call.core.datasets.registry.versions(name)
     present = [v for v in versions if v.state != REMOVED]
     if not present:
         raise NotFound(f"there is no dataset {name}; `fetchml dataset list` shows them")
@@ -33,7 +32,7 @@ async def _present(call: Call, name: str) -> list[DatasetVersion]:
 @handles("datasets.push")
 async def datasets_push(call: Call) -> dict[str, Any]:
     call.require("datasets:write")
-    core, svc = call.core, service(call.core)
+    core, svc = call.core, call.core.datasets
     name = call.args["name"]
     async with core.gc_guard():  # a collection keeps the snapshot from here on
         snapshot = await core.resolve_snapshot(call.args["snapshot"])
@@ -51,7 +50,7 @@ async def datasets_push(call: Call) -> dict[str, Any]:
 async def datasets_list(call: Call) -> dict[str, Any]:
     call.require("datasets:read")
     by_name: dict[str, list[DatasetVersion]] = {}
-    for version in await service(call.core).registry.all_versions():
+    for version in await call.core.datasets.registry.all_versions():
         if version.state != REMOVED:
             by_name.setdefault(version.name, []).append(version)
     return {"datasets": [
@@ -79,7 +78,7 @@ async def _named(call: Call) -> tuple[DatasetRef, str | None, list[DatasetVersio
 async def datasets_info(call: Call) -> dict[str, Any]:
     call.require("datasets:read")
     ref, owner, versions = await _named(call)
-    cache = service(call.core).cache
+    cache = call.core.datasets.cache
     cached = [await asyncio.to_thread(cache.is_cached, v.snapshot) for v in versions]
     return {"name": ref.name, "owner": owner,
             "versions": [{**v.to_wire(), "cached": c}
@@ -107,7 +106,7 @@ async def datasets_rm(call: Call) -> dict[str, Any]:
             raise PermissionDenied(
                 f"user {user} may not remove {foreign[0].ref}: it belongs to {owner} and was "
                 f"pushed by {foreign[0].pushed_by}; ask them or an admin (datasets:delete:all)")
-    users = await service(call.core).remove(versions)
+    users = await call.core.datasets.remove(versions)
     if users:
         raise _refusal(call, versions, users)
     return {"name": ref.name, "removed": [v.to_wire() | {"state": REMOVED} for v in versions]}

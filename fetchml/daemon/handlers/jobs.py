@@ -12,7 +12,6 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fetchml.cas.paths import validate_path
-from fetchml.daemon.datasets import service as datasets
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.isolation.service import job_isolation
 from fetchml.daemon.jobs.model import (
@@ -98,7 +97,7 @@ async def _datasets(call: Call, raw: Any, resolved: dict[tuple[str, ...], tuple[
     key = tuple(raw)
     if key not in resolved:
         call.require("datasets:read")
-        resolved[key] = await datasets.service(call.core).resolve(key)
+        resolved[key] = await call.core.datasets.resolve(key)
     return resolved[key]
 
 
@@ -177,7 +176,7 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
 async def _withdraw_if_removed(call: Call, jobs: Sequence[Job], refs: set[str]) -> None:
     """A dataset removal that began while these jobs were being stored may not have seen
     them: look again, and cancel them rather than leave jobs naming a removed version."""
-    gone = await datasets.service(call.core).withdrawn(refs)
+    gone = await call.core.datasets.withdrawn(refs)
     if not gone:
         return
     for job in jobs:

@@ -15,7 +15,7 @@ from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import get_many, visible_jobs
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
 from fetchml.daemon.observe.series import StoredMetrics, wire_point
-from fetchml.daemon.observe.training import FeedItem, MetricsTracker, thin, tracker_of
+from fetchml.daemon.observe.training import FeedItem, MetricsTracker, thin
 from fetchml.errors import BadRequest
 from fetchml.protocol.ops_metrics import MAX_JOBS
 
@@ -46,7 +46,7 @@ async def jobs_metrics(call: Call) -> dict[str, Any]:
         raise BadRequest(f"ask for the metrics of between 1 and {MAX_JOBS} jobs at once")
     found = await visible_jobs(call, refs)
     jobs = list({job.id: job for job in found}.values())
-    tracker = tracker_of(call.core)
+    tracker = call.core.training_metrics
     wanted = min(call.args["max_points"] or tracker.capacity, tracker.capacity)
     names = set(call.args["names"]) if call.args["names"] else None
     if call.args["follow"]:

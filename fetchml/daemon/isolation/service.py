@@ -23,10 +23,10 @@ import resource
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
@@ -46,9 +46,6 @@ from fetchml.daemon.isolation.sandbox import (
 from fetchml.daemon.jobs.model import Job, JobState
 from fetchml.daemon.supervise.records import SPEC_FILE, RunSpec
 from fetchml.errors import BadRequest, ConfigError
-
-if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +299,12 @@ def find_tools(settings: DaemonSettings) -> tuple[str | None, str | None]:
     return bwrap, podman
 
 
-async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> None:
-    """Register the spec hook (limits and sandboxes) and the listener that frees CPUs."""
-    settings = core.settings
+async def open_isolation(settings: DaemonSettings, *, base_env: dict[str, str],
+                         running: Iterable[Job], run_dir_of: Callable[[int, int], Path]
+                         ) -> Isolation:
+    """Find the tools the allowed modes need, the job cgroups, and the CPUs that ``running``
+    attempts (found in ``run_dir_of(job id, attempt)``) are pinned to; ConfigError when a
+    mode cannot work here. The caller registers ``rewrite`` and ``job_changed``."""
     bwrap, podman = await asyncio.to_thread(find_tools, settings)
     tag = daemon_tag(settings.state_dir)
     tree, notes = await asyncio.to_thread(cgroups.detect, tag)
@@ -320,14 +320,11 @@ async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> None:
         log.warning("no writable pids cgroup: job_max_processes falls back to RLIMIT_NPROC, "
                     "counted over all processes of the daemon's user (root ignores it)")
     pool = CpuPool(os.sched_getaffinity(0))
-    for job in await core.jobs.running(core.runner.host):  # the runner re-adopts them next
-        affinity = await asyncio.to_thread(_affinity_of, core.runner.run_dir(job.id, job.attempt))
+    for job in running:  # the runner re-adopts them next
+        affinity = await asyncio.to_thread(_affinity_of, run_dir_of(job.id, job.attempt))
         if affinity:
             pool.hold(job.id, job.attempt, affinity)
-    isolation = Isolation(settings, base_env=core.runner.base_env, tree=tree, cpus=pool,
-                          bwrap=bwrap, podman=podman)
-    core.runner.hooks.spec.append(isolation.rewrite)
-    core.events.listen(isolation.job_changed)
-    stack.push_async_callback(isolation.close)
     log.info("isolation %s (jobs may choose: %s)", settings.isolation,
              ", ".join(allowed_modes(settings)))
+    return Isolation(settings, base_env=base_env, tree=tree, cpus=pool, bwrap=bwrap,
+                     podman=podman)

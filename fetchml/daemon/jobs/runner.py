@@ -48,6 +48,7 @@ from fetchml.daemon.supervise.records import (
     wait_process_exit,
     write_json_atomic,
 )
+from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import Conflict, FetchmlError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,7 @@ class Runner:
 
     async def close(self) -> None:
         """Stop watching; the jobs themselves keep running and are re-adopted on start."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self.launcher.close()
 
     def run_dir(self, job_id: int, attempt: int) -> Path:

@@ -31,6 +31,7 @@ from typing import Any
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Claim, Job, JobSpec, JobState
 from fetchml.daemon.store.contract import JobStore
+from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -299,10 +300,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop scheduling; launches in progress are abandoned (adoption resumes them)."""
-        tasks = [self._task, *self._tasks] if self._task is not None else [*self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._task, *self._tasks)
 
     async def _loop(self) -> None:
         while True:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from fetchml.cas.objects import ObjectStore
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
-
-if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
+from fetchml.daemon.store.contract import JobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Job durations span seconds to days.
@@ -57,24 +57,35 @@ class DaemonMetrics:
         elif job.state in TERMINAL_STATES and job.started_at and job.finished_at:
             self.run_time.observe(max(0.0, job.finished_at - job.started_at))
 
-    async def refresh(self, core: DaemonCore) -> None:
-        """Bring the gauges up to date (called by /metrics before rendering)."""
-        import asyncio
+    def count_upload(self, data_bytes: int) -> None:
+        """Object bytes a client sent (cas.put)."""
+        self.sync_received.inc(data_bytes)
 
-        counts = await core.jobs.counts()
+    def count_deduplicated(self, data_bytes: int) -> None:
+        """Bytes of a stored snapshot that its client did not have to send."""
+        self.sync_deduplicated.inc(max(0, data_bytes))
+
+    def observe_request(self, op: str, seconds: float) -> None:
+        self.request_latency.labels(op).observe(seconds)
+
+    async def refresh(self, jobs: JobStore, running: Iterable[Job], gpus: int, sessions: int,
+                      objects: ObjectStore) -> None:
+        """Bring the gauges up to date (called by /metrics before rendering): job counts and
+        the queue from ``jobs``, the attempts ``running`` here, this host's ``gpus``, the
+        open ``sessions``, and what the object store holds (at most every minute)."""
+        counts = await jobs.counts()
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state, 0))
         self.queue_depth.clear()
-        for job in await core.jobs.queued():
+        for job in await jobs.queued():
             self.queue_depth.labels(str(job.priority)).inc()
-        running = list(core.scheduler.running.values())
         self.gpus_allocated.set(sum(len(job.gpu_ids) for job in running))
-        self.gpus_total.set(len(core.inventory.gpus))
-        self.sessions.set(len(core.sessions))
+        self.gpus_total.set(gpus)
+        self.sessions.set(sessions)
         if time.monotonic() - self._store_stats_at > STORE_STATS_MAX_AGE_S:
             self._store_stats_at = time.monotonic()
-            objects, size = await asyncio.to_thread(core.objects.stats)
-            self.store_objects.set(objects)
+            count, size = await asyncio.to_thread(objects.stats)
+            self.store_objects.set(count)
             self.store_bytes.set(size)
 
     def render(self) -> bytes:

@@ -16,11 +16,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 from fetchml.daemon.observe.series import (
@@ -35,9 +34,7 @@ from fetchml.daemon.observe.series import (
     read_series_file,
     write_series_file,
 )
-
-if TYPE_CHECKING:
-    from fetchml.daemon.app import DaemonCore
+from fetchml.daemon.tasks import cancel_and_wait, periodic
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +97,17 @@ def thin(points: dict[str, list[Point]], wanted: int) -> dict[str, list[Point]]:
 
 
 class MetricsTracker:
-    """Follows the metrics files of the attempts running on this host."""
+    """Follows the metrics files of the attempts running on ``host``; ``run_dir_of(job id,
+    attempt)`` is where an attempt runs, and ``capacity`` the points kept per series."""
 
-    def __init__(self, core: DaemonCore) -> None:
-        self.core = core
-        self.host = core.settings.name
-        self.capacity = max(MIN_POINTS, core.settings.metrics_max_points)
+    def __init__(self, host: str, capacity: int, run_dir_of: Callable[[int, int], Path]
+                 ) -> None:
+        self.host = host
+        self.capacity = max(MIN_POINTS, capacity)
+        self.run_dir_of = run_dir_of
         self.active: dict[int, AttemptTail] = {}
         self.feeds: set[MetricsFeed] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
-
-    def run_dir(self, job_id: int, attempt: int) -> Path:
-        return self.core.runner.run_dir(job_id, attempt)
 
     def create_file(self, job: Job, run_dir: Path) -> None:
         """Create the attempt's metrics file empty, so that a sandbox can mount it writable
@@ -138,7 +133,7 @@ class MetricsTracker:
             self._spawn(self._settle(job), f"metrics-settle-{job.id}")
 
     def follow(self, job: Job) -> AttemptTail:
-        run_dir = self.run_dir(job.id, job.attempt)
+        run_dir = self.run_dir_of(job.id, job.attempt)
         tail = AttemptTail(AttemptMetrics(job.id, job.attempt, self.capacity),
                            run_dir / METRICS_FILE)
         self.active[job.id] = tail
@@ -229,7 +224,7 @@ class MetricsTracker:
                 await self._advance(tail, final=False)
         if tail is not None:
             return StoredMetrics.of(tail.metrics)
-        run_dir = self.run_dir(job.id, job.attempt)
+        run_dir = self.run_dir_of(job.id, job.attempt)
         stored = await asyncio.to_thread(read_series_file, run_dir / SERIES_FILE,
                                          self.capacity)
         if stored is not None and stored.attempt == job.attempt:
@@ -244,44 +239,26 @@ class MetricsTracker:
         return StoredMetrics.of(metrics)
 
     # -- the poll loop ----------------------------------------------------------------------
-    async def poll_forever(self) -> None:
-        while True:
-            for tail in list(self.active.values()):
-                if tail.ending or tail.lock.locked():
-                    continue
-                try:
-                    async with tail.lock:
-                        if not tail.ending:
-                            await self._advance(tail, final=False)
-                except OSError as exc:
-                    log.warning("job %d: metrics file unreadable: %s", tail.metrics.job_id, exc)
-            await asyncio.sleep(POLL_S)
+    async def poll(self) -> None:
+        """Take in what running attempts appended to their files since the last poll."""
+        for tail in list(self.active.values()):
+            if tail.ending or tail.lock.locked():
+                continue
+            try:
+                async with tail.lock:
+                    if not tail.ending:
+                        await self._advance(tail, final=False)
+            except OSError as exc:
+                log.warning("job %d: metrics file unreadable: %s", tail.metrics.job_id, exc)
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        self._poller = asyncio.create_task(self.poll_forever(), name="metrics-poll")
+    async def running(self, running: Iterable[Job]) -> AsyncIterator[None]:
+        """Follow ``running`` (attempts started before a restart) and poll every POLL_S."""
+        for job in running:
+            self.follow(job)
         try:
-            yield
+            async with periodic(POLL_S, self.poll, name="metrics-poll", at_once=True):
+                yield
         finally:
-            for task in (self._poller, *self._tasks):
-                task.cancel()
-            await asyncio.gather(self._poller, *self._tasks, return_exceptions=True)
+            await cancel_and_wait(*self._tasks)
 
-
-_TRACKERS: weakref.WeakKeyDictionary[DaemonCore, MetricsTracker] = weakref.WeakKeyDictionary()
-
-
-def tracker_of(core: DaemonCore) -> MetricsTracker:
-    return _TRACKERS[core]
-
-
-async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> None:
-    """Give every attempt ``$FETCHML_METRICS_FILE`` and follow the files of running ones."""
-    tracker = MetricsTracker(core)
-    _TRACKERS[core] = tracker
-    core.runner.hooks.workspace.append(tracker.create_file)
-    core.runner.hooks.environment.append(tracker.environment)
-    core.events.listen(tracker.job_changed)
-    for job in await core.jobs.running(tracker.host):  # started before a restart
-        tracker.follow(job)
-    await stack.enter_async_context(tracker.running())

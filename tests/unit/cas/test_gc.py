@@ -11,7 +11,8 @@ import pytest
 from fetchml.cas import gc
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.jobs.retention import GarbageCollector, Pins, SweepGate
+from fetchml.daemon.jobs.gc import GarbageCollector, SweepGate
+from fetchml.daemon.jobs.retention import Pins
 from fetchml.daemon.store import MemoryJobStore
 from fetchml.errors import IntegrityError
 
