@@ -279,14 +279,15 @@ SNAPSHOT_PIN = OpSpec(
 
 SNAPSHOT_UNPIN = OpSpec(
     "snapshot.unpin",
-    "Lets garbage collection treat a pinned snapshot like any other again.",
+    "Removes your pin of a snapshot (an admin's removes every pin of it); once no pin is left, "
+    "garbage collection treats it like any other again.",
     args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
-    result='{"snapshot"}',
+    result='{"snapshot", "by": [user]} (whose pins were removed)',
 )
 
 SNAPSHOT_PINS = OpSpec(
     "snapshot.pins",
-    "Every pinned snapshot and who pinned it.",
+    "Your pins (an admin sees everyone's), one entry per snapshot and user.",
     result='{"pins": [{"snapshot", "by"}]}',
 )
 

@@ -58,11 +58,14 @@ async def snapshot_pin(call: Call) -> dict[str, Any]:
 async def snapshot_unpin(call: Call) -> dict[str, Any]:
     call.require("cas:write")
     snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
-    await asyncio.to_thread(call.core.pins.unpin, snapshot)
-    return {"snapshot": snapshot}
+    # an admin (who may prune everyone's jobs) removes every pin; anyone else only their own
+    owner = None if call.identity.allows("admin:prune") else call.identity.user
+    removed = await asyncio.to_thread(call.core.pins.unpin, snapshot, owner)
+    return {"snapshot": snapshot, "by": removed}
 
 
 @handles("snapshot.pins")
 async def snapshot_pins(call: Call) -> dict[str, Any]:
     call.require("cas:read")
-    return {"pins": [{"snapshot": s, "by": by} for s, by in sorted(call.core.pins.ids.items())]}
+    owner = None if call.identity.allows("admin:prune") else call.identity.user
+    return {"pins": call.core.pins.listing(owner)}

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,31 +35,59 @@ class PruneReport:
 
 
 class Pins:
-    """Snapshot ids kept from garbage collection, in ``<state>/pins.json``."""
+    """Snapshots kept from garbage collection, each with the users who pinned it, in
+    ``<state>/pins.json``. A pin belongs to its user: each user lists and removes their own."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / PINS_NAME
+        self._lock = threading.Lock()
         try:
-            self.ids: dict[str, str] = dict(json.loads(self.path.read_text()))
+            raw = dict(json.loads(self.path.read_text()))
         except FileNotFoundError:
-            self.ids = {}
+            raw = {}
         except (OSError, ValueError) as exc:
             raise FetchmlError(f"{self.path} is unreadable ({exc}); fix or remove it") from exc
+        # older files map a snapshot to the one name that pinned it
+        self.by: dict[str, set[str]] = {
+            snapshot: {users} if isinstance(users, str) else set(users)
+            for snapshot, users in raw.items()}
+
+    @property
+    def ids(self) -> set[str]:
+        """Every pinned snapshot, whoever pinned it (the roots garbage collection keeps)."""
+        return set(self.by)
 
     def _save(self) -> None:
         tmp = self.path.with_name(f".{PINS_NAME}.tmp")
-        tmp.write_text(json.dumps(self.ids, indent=1, sort_keys=True))
+        data = {snapshot: sorted(users) for snapshot, users in self.by.items()}
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
     def pin(self, snapshot: str, by: str) -> None:
-        self.ids[snapshot] = by
-        self._save()
+        with self._lock:
+            self.by.setdefault(snapshot, set()).add(by)
+            self._save()
 
-    def unpin(self, snapshot: str) -> None:
-        if self.ids.pop(snapshot, None) is None:
-            raise NotFound(f"snapshot {snapshot[:12]} is not pinned; `fetchml pin --list` "
-                           "shows the pins")
-        self._save()
+    def unpin(self, snapshot: str, by: str | None) -> list[str]:
+        """Remove ``by``'s pin of ``snapshot`` (every pin of it when ``by`` is None); returns
+        the users whose pins were removed."""
+        with self._lock:
+            users = self.by.get(snapshot, set())
+            gone = set(users) if by is None else users & {by}
+            if not gone:
+                mine = "" if by is None else " by you"
+                raise NotFound(f"snapshot {snapshot[:12]} is not pinned{mine}; `fetchml pin "
+                               "--list` shows the pins")
+            users -= gone
+            if not users:
+                del self.by[snapshot]
+            self._save()
+        return sorted(gone)
+
+    def listing(self, owner: str | None) -> list[dict[str, str]]:
+        """``{"snapshot", "by"}`` per pin, of ``owner`` only unless it is None."""
+        return [{"snapshot": snapshot, "by": user} for snapshot in sorted(self.by)
+                for user in sorted(self.by[snapshot]) if owner is None or user == owner]
 
 
 def _tree_size(path: Path) -> int:

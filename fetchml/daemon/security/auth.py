@@ -9,6 +9,7 @@ clients need a key, must come from an allowed network, and a browser's Origin mu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ from fetchml.config import DaemonSettings
 from fetchml.daemon.security.audit import AuditLog, audit_key
 from fetchml.daemon.security.netpolicy import NetworkPolicy
 from fetchml.daemon.security.ratelimit import FailedLogins, TokenBuckets
-from fetchml.daemon.security.users import UserRegistry
+from fetchml.daemon.security.users import MAX_UID, UserRegistry
 from fetchml.errors import (
     ConfigError,
     FetchmlError,
@@ -96,6 +97,14 @@ def _user_name(uid: int) -> str:
         return f"uid{uid}"
 
 
+def _credential(knock: Knock) -> str:
+    """Which credential a connection presents, for counting failed logins per credential
+    (a digest: the key itself is never kept)."""
+    if knock.key:
+        return "key " + hashlib.sha256(knock.key.encode()).hexdigest()[:32]
+    return f"uid {knock.unix.uid}" if knock.unix is not None else "none"
+
+
 def load_roles(overrides: Mapping[str, Any]) -> dict[str, frozenset[str]]:
     roles = dict(DEFAULT_ROLES)
     for name, permissions in overrides.items():
@@ -118,8 +127,9 @@ def check_users(users: list[Any], roles: Mapping[str, object]) -> list[dict[str,
         if not isinstance(name, str) or not isinstance(role, str) or role not in roles:
             raise ConfigError(f"user entry {user!r} needs a name and one of the roles "
                               f"{', '.join(sorted(roles))}")
-        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
-            raise ConfigError(f"uid of user {name!r} must be an integer")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)
+                                or not 0 <= uid <= MAX_UID):
+            raise ConfigError(f"uid of user {name!r} must be a whole number from 0 to {MAX_UID}")
         checked.append(dict(user))
     return checked
 
@@ -130,7 +140,10 @@ class Authenticator:
     def __init__(self, settings: DaemonSettings) -> None:
         self.roles = load_roles(settings.roles)
         config_users = check_users(settings.users, self.roles)
-        self.registry = UserRegistry(settings.state_dir, config_users, set(self.roles))
+        self.daemon_uid = os.geteuid()
+        local_admins = {"root", _user_name(0), _user_name(self.daemon_uid)}
+        self.registry = UserRegistry(settings.state_dir, config_users, set(self.roles),
+                                     reserved=local_admins)
         self.policy = NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies,
                                     settings.allowed_origins)
         self.session_buckets = TokenBuckets(settings.rate_limit_sessions)
@@ -142,7 +155,6 @@ class Authenticator:
         self.audit = AuditLog(audit_path, audit_key(self.registry.secret),
                               max_bytes=settings.audit_max_bytes)
         self.audit.open()
-        self.daemon_uid = os.geteuid()
 
     def identity(self, user: str, role: str, *, via: str, uid: int | None = None,
                  source: str = "") -> Identity:
@@ -172,10 +184,11 @@ class Authenticator:
         if banned:
             raise RateLimited(f"too many failed logins from {source}; try again in "
                               f"{banned:.0f} s", retry_after=banned)
+        credential = _credential(knock)
         try:
             identity = self._who(knock, source)
         except Unauthenticated as exc:
-            delay, ban = self.failures.failed(source)
+            delay, ban = self.failures.failed(source, credential)
             self.audit.record("auth.failure", user=None, peer=peer, reason=exc.message,
                               method="key" if knock.key else "uid")
             if ban:
@@ -183,7 +196,7 @@ class Authenticator:
                                   seconds=self.failures.ban_s)
                 log.warning("banning %s after repeated failed logins", source)
             raise SlowedRefusal(exc, delay) from None
-        self.failures.succeeded(source)
+        self.failures.succeeded(source, credential)
         if identity.via == "key" or self.limit_local:
             self._take(self.session_buckets, identity, "session opens")
         self.audit.record("auth.success", user=identity.user, peer=peer, role=identity.role,

@@ -40,13 +40,14 @@ class TokenBuckets:
 
 @dataclass
 class _Failures:
-    times: list[float] = field(default_factory=list)
+    times: list[tuple[float, str]] = field(default_factory=list)  # (when, which credential)
     banned_until: float = 0.0
 
 
 class FailedLogins:
     """Failed authentications per source: each one slows the next answer; past ``threshold``
-    within ``window_s`` the source is banned for ``ban_s``."""
+    within ``window_s`` the source is banned for ``ban_s``. A success forgets only the failures
+    of the same credential, so a valid key cannot wipe the count of keys being guessed."""
 
     def __init__(self, threshold: int, window_s: float, ban_s: float) -> None:
         self.threshold, self.window_s, self.ban_s = threshold, window_s, ban_s
@@ -57,18 +58,23 @@ class FailedLogins:
         entry = self._by_source.get(source)
         return max(0.0, entry.banned_until - now) if entry else 0.0
 
-    def failed(self, source: str, now: float | None = None) -> tuple[float, bool]:
+    def failed(self, source: str, credential: str = "",
+               now: float | None = None) -> tuple[float, bool]:
         """Record a failure; returns (seconds to delay the answer, whether a ban began)."""
         now = time.monotonic() if now is None else now
         entry = self._by_source.setdefault(source, _Failures())
-        entry.times = [t for t in entry.times if now - t < self.window_s] + [now]
+        entry.times = [(t, c) for t, c in entry.times if now - t < self.window_s]
+        entry.times.append((now, credential))
         if len(entry.times) >= self.threshold and entry.banned_until <= now:
             entry.banned_until = now + self.ban_s
             entry.times.clear()
             return 1.0, True
         return min(2.0, 0.1 * 2 ** (len(entry.times) - 1)), False
 
-    def succeeded(self, source: str) -> None:
+    def succeeded(self, source: str, credential: str = "") -> None:
         entry = self._by_source.get(source)
-        if entry is not None and entry.banned_until <= time.monotonic():
+        if entry is None or entry.banned_until > time.monotonic():
+            return
+        entry.times = [(t, c) for t, c in entry.times if c != credential]
+        if not entry.times:
             self._by_source.pop(source, None)

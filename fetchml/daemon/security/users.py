@@ -16,6 +16,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,22 @@ def check_name(name: str) -> str:
     return name
 
 
+MAX_UID = 2**32 - 2  # uid_t is 32 bits and (uid_t)-1 means "no uid"
+
+
+def check_uid(uid: object, name: str) -> int:
+    if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid <= MAX_UID:
+        raise BadRequest(f"uid of user {name} must be a whole number from 0 to {MAX_UID}")
+    return uid
+
+
 class UserRegistry:
     """Thread-safe registry; reads are from memory, every change is written before it returns."""
 
-    def __init__(self, state_dir: Path, config_users: list[dict[str, Any]], roles: set[str]
-                 ) -> None:
+    def __init__(self, state_dir: Path, config_users: list[dict[str, Any]], roles: set[str],
+                 reserved: Collection[str] = ()) -> None:
         self.path = state_dir / USERS_NAME
+        self.reserved = frozenset(reserved)  # local identities' names (root, the daemon's)
         self.secret = load_secret(state_dir)
         self.roles = roles
         self._lock = threading.Lock()
@@ -150,6 +161,11 @@ class UserRegistry:
     def add(self, name: str, role: str, uid: int | None = None) -> tuple[UserRecord, str]:
         """Create a user with a new key; returns the record and the key (shown once)."""
         check_name(name)
+        if name in self.reserved:
+            raise BadRequest(f"user name {name} is a local identity's (an admin on the Unix "
+                             "socket); choose another name")
+        if uid is not None:
+            check_uid(uid, name)
         if role not in self.roles:
             raise BadRequest(f"role {role!r} does not exist; choose one of "
                              f"{', '.join(sorted(self.roles))}")
@@ -160,6 +176,10 @@ class UserRegistry:
                 raise Conflict(f"user {name} already exists; revoke it first to issue a new key")
             if current is not None and current.from_config:
                 raise Conflict(f"user {name} is defined in the daemon config; change it there")
+            holder = self.by_uid(uid) if uid is not None else None
+            if holder is not None:
+                raise Conflict(f"uid {uid} already maps to user {holder.name}; revoke that "
+                               "user first or choose another uid")
             record = UserRecord(name=name, role=role, key_hash=self.key_hash(key), uid=uid,
                                 created_at=time.time())
             self._users[name] = record
