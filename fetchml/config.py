@@ -91,6 +91,12 @@ class DaemonSettings:
     ip_allowlist: list[str] = setting(["127.0.0.0/8", "::1/128"],
                                       "CIDR networks TCP clients may come from", "list")
     trusted_proxies: list[str] = setting([], "proxies whose X-Forwarded-For is believed", "list")
+    connect_deadline: float = setting(
+        10.0, "seconds a TCP connection has for TLS, its request and hello", "duration")
+    max_pending_connections: int = setting(
+        512, "TCP connections that have not said hello yet, in all")
+    max_pending_per_address: int = setting(
+        32, "TCP connections that have not said hello yet, per client address")
     allowed_origins: list[str] = setting([], "browser Origins allowed to connect", "list")
     rate_limit_sessions: int = setting(30, "session opens per minute per key and per IP")
     rate_limit_submits: int = setting(30, "job submissions per minute per key and per IP")

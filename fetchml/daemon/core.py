@@ -34,6 +34,7 @@ from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.observe.prometheus import DaemonMetrics
 from fetchml.daemon.observe.training import MetricsTracker
 from fetchml.daemon.security.auth import Authenticator
+from fetchml.daemon.security.gate import ConnectionGate
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.tasks import periodic
@@ -90,6 +91,7 @@ class DaemonCore:
         self.metrics = DaemonMetrics()
         self.events.listen(self._observe)
         self.listen_url: str | None = None  # the TCP listener's URL, set before open()
+        self.connections: ConnectionGate | None = None  # the TCP listener's gate, if any
         self.cluster = None
         self._sweep_gate = SweepGate()
         self._stack = contextlib.AsyncExitStack()

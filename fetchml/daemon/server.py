@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -25,6 +26,7 @@ from fetchml.daemon.app import DAEMON_CORE, create_app, create_metrics_app
 from fetchml.daemon.cluster.membership import advertised_address
 from fetchml.daemon.core import DaemonCore
 from fetchml.daemon.security.auth import check_users, load_roles
+from fetchml.daemon.security.gate import ConnectionGate
 from fetchml.daemon.security.netpolicy import NetworkPolicy
 from fetchml.daemon.tasks import cancel_and_wait, every
 from fetchml.errors import ConfigError, Conflict, FetchmlError
@@ -196,8 +198,10 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
                 app[DAEMON_CORE].listen_url = str(info["url"])
             await runner.setup()
             await web.SockSite(runner, unix).start()
-            if tcp_sock is not None:
-                await web.SockSite(runner, tcp_sock, ssl_context=context).start()
+            if tcp_sock is not None:  # through the gate: the Unix socket is always served
+                gate = _gate(settings, with_policy=True)
+                app[DAEMON_CORE].connections = gate
+                cleanups.append(_serve_through(gate, tcp_sock, runner, context))
                 log.info("listening on %s", info["url"])
             if settings.metrics_listen:
                 metrics_runner = web.AppRunner(create_metrics_app(app[DAEMON_CORE]),
@@ -205,7 +209,8 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
                 await metrics_runner.setup()
                 cleanups.append(metrics_runner.cleanup)
                 metrics_sock = bind_tcp_socket(*parse_listen(settings.metrics_listen))
-                await web.SockSite(metrics_runner, metrics_sock).start()
+                cleanups.append(_serve_through(_gate(settings, with_policy=False),
+                                               metrics_sock, metrics_runner, None))
                 info["metrics"] = _url("http", metrics_sock.getsockname()) + "/metrics"
                 log.info("metrics on %s", info["metrics"])
             log.info("listening on unix socket %s", socket_path)
@@ -239,6 +244,33 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
     log.info("stopped")
 
 
+def _gate(settings: DaemonSettings, *, with_policy: bool) -> ConnectionGate:
+    policy = (NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies,
+                            settings.allowed_origins) if with_policy else None)
+    return ConnectionGate(policy=policy, deadline=settings.connect_deadline,
+                          per_address=settings.max_pending_per_address,
+                          total=settings.max_pending_connections)
+
+
+def _serve_through(gate: ConnectionGate, sock: socket.socket, runner: web.AppRunner,
+                   context: ssl.SSLContext | None) -> Callable[[], Awaitable[None]]:
+    """Accept on ``sock`` through ``gate`` into ``runner``'s server; returns the stop."""
+    server = runner.server
+    assert server is not None  # set up before
+    task = asyncio.create_task(gate.serve(sock, server, context), name="accept")
+    return lambda: cancel_and_wait(task)
+
+
+def raise_file_limit(wanted: int = 65536) -> None:
+    """Raise the soft limit on open files towards the hard one: connections, logs and
+    supervisors' pipes all need descriptors, and the default soft limit is often 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _url(scheme: str, address: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host = address[0]
     return f"{scheme}://[{host}]:{address[1]}" if ":" in host else f"{scheme}://{host}:{address[1]}"
@@ -262,6 +294,7 @@ def _write_runtime_info(state_dir: Path, info: dict[str, object]) -> None:
 
 def run(settings: DaemonSettings) -> int:
     """Blocking entry point: serve until stopped; returns the process exit status."""
+    raise_file_limit()
     try:
         asyncio.run(serve(settings))
     except FetchmlError as exc:

@@ -57,6 +57,9 @@ class NetworkPolicy:
                 return hop_address
         return address
 
+    def is_trusted_proxy(self, address: IPAddress | None) -> bool:
+        return address is not None and _within(address, self.trusted)
+
     def allows(self, address: IPAddress | None) -> bool:
         return address is not None and _within(address, self.allowlist)
 
