@@ -172,7 +172,7 @@ class DaemonCore:
         async with self._sweep_gate.shared():
             yield
 
-    def audit_call(self, call: Call, result: Any) -> None:
+    def audit_call(self, call: Call[Any], result: Any) -> None:
         """Record a successful state-changing request, with a summary of what it did."""
         summary: dict[str, Any] = {}
         if isinstance(result, dict) and isinstance(result.get("jobs"), list):
@@ -241,7 +241,7 @@ class DaemonCore:
             return {**status, "jobs": {}, "store_error": exc.message}
         return {**status, "jobs": {state.value: n for state, n in counts.items() if n}}
 
-    async def handle(self, call: Call) -> Any:
+    async def handle(self, call: Call[Any]) -> Any:
         return await HANDLERS[call.op](call)
 
     def observe_request(self, op: str, seconds: float) -> None:
