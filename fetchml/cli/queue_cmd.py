@@ -11,6 +11,7 @@ import click
 from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.cli.sync_cmd import describe, project_root, run_sync
 from fetchml.config import parse_bytes, parse_duration
+from fetchml.protocol import ops
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -142,7 +143,8 @@ def queue(cli: CliContext, /, command: tuple[str, ...], snapshot: str | None,
             for job in jobs:
                 cli.say(f"would queue: {job['name']}  ({' '.join(job['argv'])})")
         return
-    submitted = cli.connect().call("jobs.submit", {"snapshot": snapshot, "jobs": jobs})["jobs"]
+    submitted = cli.connect().call(ops.JOBS_SUBMIT.name,
+                                   {"snapshot": snapshot, "jobs": jobs})["jobs"]
     if cli.as_json:
         cli.emit_json({"snapshot": submitted[0]["snapshot"],
                        "jobs": [{"id": j["id"], "name": j["name"], "state": j["state"]}

@@ -31,6 +31,7 @@ from fetchml.errors import (
     Unauthenticated,
     Unavailable,
 )
+from fetchml.protocol import ops
 
 # First wait before reconnecting to a daemon that went away; doubled up to RECONNECT_MAX_S.
 RECONNECT_FIRST_S = 0.2
@@ -173,7 +174,7 @@ class WatchLoop:
             files, sent = self.put_objects(conn, _objects_to_check(manifest, args))
             sent_files, sent_bytes = sent_files + files, sent_bytes + sent
             try:
-                result = conn.call("snapshot.put", args)
+                result = conn.call(ops.SNAPSHOT_PUT.name, args)
             except (NotFound, BadRequest):  # the base was collected, or the delta refused
                 if self.base is None:
                     raise
@@ -223,9 +224,9 @@ class WatchLoop:
         conn = self.connection()
         if self.restart and self.last_jobs:
             with contextlib.suppress(NotFound):  # pruned meanwhile: nothing left to stop
-                conn.call("jobs.cancel", {"jobs": self.last_jobs, "reason": "superseded"})
-        submitted = conn.call("jobs.submit", {"snapshot": snapshot, "jobs": self.jobs,
-                                              "supersede": {"watch": self.watch_id}})["jobs"]
+                conn.call(ops.JOBS_CANCEL.name, {"jobs": self.last_jobs, "reason": "superseded"})
+        submitted = conn.call(ops.JOBS_SUBMIT.name, {"snapshot": snapshot, "jobs": self.jobs,
+                                                     "supersede": {"watch": self.watch_id}})["jobs"]
         self.queued_snapshot = snapshot
         self.last_jobs = [str(job["id"]) for job in submitted]
         return [{"id": j["id"], "name": j["name"], "state": j["state"]} for j in submitted]

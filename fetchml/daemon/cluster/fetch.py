@@ -21,6 +21,7 @@ from fetchml.cas.objects import ObjectStore, PendingObject
 from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
 from fetchml.daemon.jobs.retention import GarbageCollector
 from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, Unavailable
+from fetchml.protocol import ops
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class SnapshotFetcher:
         return report
 
     async def _manifest(self, conn: PeerConnection, snapshot: str) -> bytes:
-        reply = await conn.call("snapshot.get", {"snapshot": snapshot})
+        reply = await conn.call(ops.SNAPSHOT_GET.name, {"snapshot": snapshot})
         data = reply.get("manifest") if isinstance(reply, dict) else None
         if not isinstance(data, bytes) or hash_bytes(data) != snapshot:
             raise IntegrityError(f"host {conn.name} sent a manifest that is not snapshot "
@@ -175,7 +176,7 @@ class SnapshotFetcher:
         """One object into a pending upload, or None when the peer cannot provide it."""
         pending = await asyncio.to_thread(self.objects.begin, oid, size)
         try:
-            async with conn.stream("cas.get", {"oid": oid}) as stream:
+            async with conn.stream(ops.CAS_GET.name, {"oid": oid}) as stream:
                 async for event, data in stream:
                     if event != "chunk" or not isinstance(data, bytes):
                         raise IntegrityError(f"host {conn.name} sent {event!r} instead of "
