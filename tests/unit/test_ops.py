@@ -10,6 +10,7 @@ from typing import Any, get_type_hints
 
 import pytest
 
+from fetchml.cli.jobs_view import detail_lines, job_json, table_row
 from fetchml.daemon.handlers import HANDLERS, load_all
 from fetchml.daemon.handlers.jobs import job_to_wire
 from fetchml.daemon.jobs.model import Job, JobState, Resources
@@ -106,6 +107,14 @@ def test_callers_name_ops_by_their_declaration(folder: str) -> None:
         assert not literal, f"{path.relative_to(ROOT)} names {sorted(literal)} by a string"
 
 
+# A job as protocol 1 spelled it, key for key: what old clients and `status --json` show.
+V1_KEYS = ["id", "name", "owner", "state", "priority", "snapshot", "argv", "env", "workdir",
+           "cpus", "memory", "gpus_requested", "timeout", "max_attempts", "after", "labels",
+           "datasets", "isolation", "attempt", "reason", "created_at", "queued_at", "started_at",
+           "finished_at", "host", "gpus", "exit_code", "signal", "peak_rss", "cpu_time",
+           "outputs"]
+
+
 def stored_job(**more: Any) -> Job:
     fields: dict[str, Any] = {
         "name": "n", "owner": "o", "snapshot": "ab" * 32, "argv": ("true",),
@@ -123,7 +132,19 @@ def test_a_job_travels_with_one_meaning_per_name() -> None:
     assert {"gpus", "retries"} <= set(SUBMIT_FIELDS) and "gpu_ids" not in SUBMIT_FIELDS
     # protocol 1's spelling, as old clients and the CLI's --json documents have it
     old = job_v1(wire)
-    assert list(old)[9:14] == ["cpus", "memory", "gpus_requested", "timeout", "max_attempts"]
+    assert list(old) == V1_KEYS
     assert old["gpus"] == [0, 1] and old["gpus_requested"] == 2 and old["max_attempts"] == 3
     assert "retries" not in old and "gpu_ids" not in old
     assert read_job(old) == wire and read_job(wire) is wire
+
+
+def test_the_cli_shows_a_job_as_before_from_either_spelling() -> None:
+    wire = job_to_wire(stored_job())
+    document = job_json(wire)
+    assert list(document) == V1_KEYS and document["gpus"] == [0, 1]
+    assert document["created_at"].endswith("Z") and document["max_attempts"] == 3
+    assert job_json(job_v1(wire)) == document  # from a protocol 1 daemon
+    assert table_row(wire) == table_row(job_v1(wire)) and table_row(wire)[5] == "0,1"
+    assert detail_lines(wire) == detail_lines(job_v1(wire))
+    assert "attempt      1 of 3" in detail_lines(wire)
+    assert "resources    2 CPUs, 1.0 GiB memory, 2 GPUs" in detail_lines(wire)

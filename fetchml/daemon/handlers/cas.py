@@ -216,7 +216,7 @@ def _apply_delta(call: Call[Any]) -> bytes:
     return data
 
 
-def _manifest_bytes(call: Call[Any]) -> bytes:
+def _manifest_bytes(call: Call[ops.SnapshotPutArgs]) -> bytes:
     if call.args["manifest"] is not None:
         if call.args["base"] is not None:
             raise BadRequest("send either a whole manifest or a base and changes, not both")

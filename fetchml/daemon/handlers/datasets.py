@@ -60,7 +60,8 @@ async def datasets_list(call: Call[NoArgs]) -> dict[str, Any]:
         for name, versions in sorted(by_name.items())]}
 
 
-async def _named(call: Call[Any]) -> tuple[DatasetRef, str | None, list[DatasetVersion]]:
+async def _named(call: Call[ops_datasets.DatasetArgs]
+                 ) -> tuple[DatasetRef, str | None, list[DatasetVersion]]:
     """The dataset the ``name`` argument names: (its ref, its owner, the versions it selects:
     the one named, or all of them when it names none)."""
     ref = parse_ref(call.args["name"], allow_mount=False)
