@@ -1,7 +1,7 @@
 """One WebSocket connection: handshake, limits, dispatch by id, streams, shutdown.
 
 Each op's declared policy (``fetchml.protocol.schema.OpSpec``) is enforced here, for every op,
-around its handler: the rate limit before anything else, the permissions once the arguments
+around its handler: the rate limit before the arguments are read, the permissions once they
 are checked, the audit record after a success, and arrival order for ordered ops.
 """
 
