@@ -32,6 +32,7 @@ from fetchml.errors import (
     Unavailable,
 )
 from fetchml.protocol import ops
+from fetchml.protocol.job import JobSubmission
 
 # First wait before reconnecting to a daemon that went away; doubled up to RECONNECT_MAX_S.
 RECONNECT_FIRST_S = 0.2
@@ -50,7 +51,7 @@ class WatchLoop:
     """One `fetchml watch` run: keeps the mirror current, syncs each burst, queues jobs."""
 
     def __init__(self, cli: CliContext, root: Path, *, debounce: float, events: ChangeWatcher,
-                 jobs: list[dict[str, Any]] | None, watch_id: str, restart: bool) -> None:
+                 jobs: list[JobSubmission] | None, watch_id: str, restart: bool) -> None:
         self.cli, self.debounce, self.events = cli, debounce, events
         self.mirror = TreeMirror(root, max_file_size=cli.settings.max_file_size)
         self.jobs, self.watch_id, self.restart = jobs, watch_id, restart
