@@ -7,6 +7,7 @@ import json
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli
+from fetchml.protocol import ops
 
 
 @click.group()
@@ -19,7 +20,7 @@ def audit() -> None:
 @pass_cli
 def verify(cli: CliContext) -> None:
     """Check every line's hash chain; exit 1 and name the first bad line if it is broken."""
-    result = cli.connect().call("admin.audit", {"verify": True, "tail": 0})
+    result = cli.connect().call(ops.ADMIN_AUDIT.name, {"verify": True, "tail": 0})
     result.pop("entries", None)
     if cli.as_json:
         cli.emit_json(result)
@@ -38,7 +39,7 @@ def verify(cli: CliContext) -> None:
 @pass_cli
 def show(cli: CliContext, tail: int) -> None:
     """Print the last entries."""
-    entries = cli.connect().call("admin.audit", {"verify": False, "tail": tail})["entries"]
+    entries = cli.connect().call(ops.ADMIN_AUDIT.name, {"verify": False, "tail": tail})["entries"]
     if cli.as_json:
         cli.emit_json({"entries": entries})
         return

@@ -6,6 +6,7 @@ import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.cli.jobs_view import job_json
+from fetchml.protocol import ops
 
 
 @click.command()
@@ -15,7 +16,7 @@ from fetchml.cli.jobs_view import job_json
 @pass_cli
 def cancel(cli: CliContext, jobs: tuple[str, ...], reason: str) -> None:
     """Cancel JOBS (running ones get TERM, a grace period, then KILL)."""
-    result = cli.connect().call("jobs.cancel", {"jobs": list(jobs), "reason": reason})
+    result = cli.connect().call(ops.JOBS_CANCEL.name, {"jobs": list(jobs), "reason": reason})
     if cli.as_json:
         cli.emit_json({"jobs": [job_json(j) for j in result["jobs"]]})
         return

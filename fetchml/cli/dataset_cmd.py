@@ -18,6 +18,7 @@ from fetchml.cli.sync_cmd import progress_bar
 from fetchml.client.transfer import sync_tree
 from fetchml.config import parse_bytes
 from fetchml.errors import BadRequest
+from fetchml.protocol import ops_datasets
 from fetchml.protocol.ops_datasets import check_name, parse_ref
 
 # Data files are large on purpose: a push refuses only files beyond this unless told otherwise
@@ -62,8 +63,8 @@ def push(cli: CliContext, name: str, path: Path, description: str,
         raise click.BadParameter(str(exc)) from exc
     conn = cli.connect()
     report = sync_tree(conn, path.resolve(), max_file_size=limit, progress=progress_bar(cli))
-    result = conn.call("datasets.push", {"name": name, "snapshot": report.snapshot,
-                                         "description": description})
+    result = conn.call(ops_datasets.DATASETS_PUSH.name,
+                       {"name": name, "snapshot": report.snapshot, "description": description})
     if cli.as_json:
         cli.emit_json({**version_json(result), "sent_files": report.sent_files,
                        "sent_bytes": report.sent_bytes})
@@ -82,7 +83,7 @@ def push(cli: CliContext, name: str, path: Path, description: str,
 @pass_cli
 def list_(cli: CliContext) -> None:
     """Every dataset: owner, number of versions, latest version."""
-    found = cli.connect().call("datasets.list")["datasets"]
+    found = cli.connect().call(ops_datasets.DATASETS_LIST.name)["datasets"]
     if cli.as_json:
         cli.emit_json({"datasets": [{**d, "latest": version_json(d["latest"])} for d in found]})
         return
@@ -108,7 +109,7 @@ def _name_argument(text: str) -> str:
 @pass_cli
 def info(cli: CliContext, name: str) -> None:
     """Versions of dataset NAME (or only NAME@VERSION)."""
-    result = cli.connect().call("datasets.info", {"name": _name_argument(name)})
+    result = cli.connect().call(ops_datasets.DATASETS_INFO.name, {"name": _name_argument(name)})
     if cli.as_json:
         cli.emit_json({**result, "versions": [version_json(v) for v in result["versions"]]})
         return
@@ -123,7 +124,7 @@ def info(cli: CliContext, name: str) -> None:
 @pass_cli
 def rm(cli: CliContext, name: str) -> None:
     """Remove NAME@VERSION, or every version of NAME; refused while jobs use it."""
-    result = cli.connect().call("datasets.rm", {"name": _name_argument(name)})
+    result = cli.connect().call(ops_datasets.DATASETS_RM.name, {"name": _name_argument(name)})
     if cli.as_json:
         cli.emit_json({**result, "removed": [version_json(v) for v in result["removed"]]})
         return

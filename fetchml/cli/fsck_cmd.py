@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
+from fetchml.protocol import ops
 
 
 @click.command()
@@ -13,7 +14,7 @@ from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
 @pass_cli
 def fsck(cli: CliContext, read_data: bool) -> None:
     """Check the object store; exit 1 if anything is wrong."""
-    result = cli.connect().call("admin.fsck", {"read_data": read_data})
+    result = cli.connect().call(ops.ADMIN_FSCK.name, {"read_data": read_data})
     problems = result["problems"]
     if cli.as_json:
         cli.emit_json(result)

@@ -9,6 +9,7 @@ import click
 
 from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli, render_table
 from fetchml.cli.jobs_view import rfc3339
+from fetchml.protocol import ops, ops_cluster
 
 
 @click.command()
@@ -20,9 +21,9 @@ def info(cli: CliContext, cluster: bool) -> None:
     """Show the daemon, who you are, and the host's resources."""
     conn = cli.connect()
     if cluster:
-        _cluster(cli, conn.call("cluster.hosts"))
+        _cluster(cli, conn.call(ops_cluster.CLUSTER_HOSTS.name))
         return
-    result = conn.call("host.info")
+    result = conn.call(ops.HOST_INFO.name)
     if cli.as_json:
         cli.emit_json(result)
         return

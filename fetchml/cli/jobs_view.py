@@ -1,13 +1,20 @@
-"""How jobs look on the CLI: JSON documents (RFC 3339 times) and table rows."""
+"""How jobs look on the CLI: JSON documents (RFC 3339 times) and table rows.
+
+Jobs arrive as ``fetchml.protocol.job.WireJob`` (``read_job`` accepts an older daemon's
+spelling too). The ``--json`` documents keep the keys scripts rely on, in protocol 1's
+spelling: ``gpus`` the GPU indices, ``gpus_requested`` the count, ``max_attempts``.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from fetchml.cli.context import human_bytes
+from fetchml.protocol.job import job_v1, read_job
 
 TIME_KEYS = ("created_at", "queued_at", "started_at", "finished_at")
 
@@ -19,9 +26,10 @@ def rfc3339(epoch: float | None) -> str | None:
         "+00:00", "Z")
 
 
-def job_json(job: dict[str, Any]) -> dict[str, Any]:
-    """The wire job with RFC 3339 UTC times, as `--json` prints it."""
-    return {**job, **{key: rfc3339(job.get(key)) for key in TIME_KEYS}}
+def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job with RFC 3339 UTC times, as `--json` prints it (protocol 1's spelling)."""
+    spelled = job_v1(read_job(job))
+    return {**spelled, **{key: rfc3339(spelled.get(key)) for key in TIME_KEYS}}
 
 
 def _duration(seconds: float) -> str:
@@ -35,7 +43,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def elapsed(job: dict[str, Any], now: float | None = None) -> str:
+def elapsed(job: Mapping[str, Any], now: float | None = None) -> str:
     now = now or time.time()
     if job.get("started_at"):
         return _duration((job.get("finished_at") or now) - job["started_at"])
@@ -44,7 +52,7 @@ def elapsed(job: dict[str, Any], now: float | None = None) -> str:
     return "waiting " + _duration(now - job["created_at"])
 
 
-def outcome(job: dict[str, Any]) -> str:
+def outcome(job: Mapping[str, Any]) -> str:
     if job.get("signal"):
         return f"signal {job['signal']}"
     if job.get("exit_code") is not None:
@@ -55,9 +63,15 @@ def outcome(job: dict[str, Any]) -> str:
 TABLE_HEADERS = ["id", "name", "owner", "state", "pri", "gpus", "time", "result"]
 
 
-def table_row(job: dict[str, Any]) -> list[str]:
-    gpus = ",".join(str(g) for g in job["gpus"]) or (
-        f"({job['gpus_requested']})" if job.get("gpus_requested") else "-")
+def gpus_cell(job: Mapping[str, Any]) -> str:
+    """The GPUs a job was given, or how many it asks for in parentheses, or "-"."""
+    wire = read_job(job)
+    return ",".join(str(g) for g in wire["gpu_ids"]) or (
+        f"({wire['gpus']})" if wire["gpus"] else "-")
+
+
+def table_row(job: Mapping[str, Any]) -> list[str]:
+    gpus = gpus_cell(job)
     return [str(job["id"]), job["name"][:40], job["owner"], job["state"], str(job["priority"]),
             gpus, elapsed(job), outcome(job)]
 
@@ -85,7 +99,8 @@ def metrics_line(last: LastMetrics) -> str:
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "") + f"  at step {step:g}"
 
 
-def detail_lines(job: dict[str, Any], metrics: LastMetrics | None = None) -> list[str]:
+def detail_lines(raw: Mapping[str, Any], metrics: LastMetrics | None = None) -> list[str]:
+    job = read_job(raw)
     rows = [
         ("job", f"{job['id']}  {job['name']}"),
         ("state", job["state"] + (f" ({job['reason']})" if job.get("reason") else "")),
@@ -96,10 +111,10 @@ def detail_lines(job: dict[str, Any], metrics: LastMetrics | None = None) -> lis
         ("priority", str(job["priority"])),
         ("resources", f"{job['cpus']} CPUs, "
                       f"{human_bytes(job['memory']) if job['memory'] else 'any'} memory, "
-                      f"{job['gpus_requested']} GPUs"),
-        ("attempt", f"{job['attempt']} of {job['max_attempts']}"),
+                      f"{job['gpus']} GPUs"),
+        ("attempt", f"{job['attempt']} of {job['retries'] + 1}"),
         ("host", job.get("host") or "-"),
-        ("gpus", ",".join(str(g) for g in job["gpus"]) or "-"),
+        ("gpus", ",".join(str(g) for g in job["gpu_ids"]) or "-"),
         ("created", rfc3339(job["created_at"]) or "-"),
         ("started", rfc3339(job.get("started_at")) or "-"),
         ("finished", rfc3339(job.get("finished_at")) or "-"),

@@ -8,12 +8,13 @@ import sys
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli
+from fetchml.protocol import ops
 
 
 def follow_logs(cli: CliContext, job: str, *, follow: bool, attempt: int | None = None) -> None:
     """Write the job's output to stdout as it arrives (JSON lines with --json)."""
-    stream = cli.connect().stream("jobs.logs", {"job": job, "follow": follow,
-                                                "attempt": attempt})
+    stream = cli.connect().stream(ops.JOBS_LOGS.name, {"job": job, "follow": follow,
+                                                       "attempt": attempt})
     out = sys.stdout.buffer
     try:
         for event in stream.events():

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
+from fetchml.protocol import ops, ops_metrics
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_WIDTH = 16  # characters of the sparkline of one series
@@ -109,13 +110,13 @@ def comparison_table(jobs: list[dict[str, Any]], entries: list[dict[str, Any]]) 
 def metrics(cli: CliContext, jobs: tuple[str, ...], max_points: int | None) -> None:
     """Training metrics of JOBS; several jobs are compared by their final values."""
     conn = cli.connect()
-    found = [conn.send("jobs.get", {"job": ref}) for ref in jobs]
+    found = [conn.send(ops.JOBS_GET.name, {"job": ref}) for ref in jobs]
     details = [pending.result() for pending in found]
     several = len(details) > 1
     # Only the final values are shown when comparing jobs: ask for the last point alone.
     wanted = 1 if several and not cli.as_json else max_points
-    reply = conn.call("jobs.metrics", {"jobs": [str(job["id"]) for job in details],
-                                       "max_points": wanted})
+    reply = conn.call(ops_metrics.JOBS_METRICS.name,
+                      {"jobs": [str(job["id"]) for job in details], "max_points": wanted})
     by_id = {entry["job"]: entry for entry in reply["jobs"]}
     entries = [by_id[job["id"]] for job in details]
     if cli.as_json:

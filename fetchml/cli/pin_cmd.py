@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
+from fetchml.protocol import ops
 
 
 @click.command()
@@ -16,14 +17,14 @@ def pin(cli: CliContext, snapshot: str | None, show: bool) -> None:
     """Keep SNAPSHOT and everything it names from garbage collection."""
     conn = cli.connect()
     if show or snapshot is None:
-        pins = conn.call("snapshot.pins")["pins"]
+        pins = conn.call(ops.SNAPSHOT_PINS.name)["pins"]
         if cli.as_json:
             cli.emit_json({"pins": pins})
         else:
             cli.say(render_table(["snapshot", "pinned by"],
                                  [[p["snapshot"][:12], p["by"]] for p in pins]))
         return
-    result = conn.call("snapshot.pin", {"snapshot": snapshot})
+    result = conn.call(ops.SNAPSHOT_PIN.name, {"snapshot": snapshot})
     if cli.as_json:
         cli.emit_json(result)
     else:
@@ -36,7 +37,7 @@ def pin(cli: CliContext, snapshot: str | None, show: bool) -> None:
 @pass_cli
 def unpin(cli: CliContext, snapshot: str) -> None:
     """Let garbage collection treat SNAPSHOT like any other again."""
-    result = cli.connect().call("snapshot.unpin", {"snapshot": snapshot})
+    result = cli.connect().call(ops.SNAPSHOT_UNPIN.name, {"snapshot": snapshot})
     if cli.as_json:
         cli.emit_json(result)
     else:

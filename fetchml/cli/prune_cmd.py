@@ -6,6 +6,7 @@ import click
 
 from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
 from fetchml.config import parse_duration
+from fetchml.protocol import ops
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 
@@ -40,7 +41,7 @@ def prune(cli: CliContext, older_than: str, keep: int | None, states: str | None
         if state not in FINAL_STATES:
             raise click.BadParameter(f"{state!r} is not one of {', '.join(FINAL_STATES)}",
                                      param_hint="--state")
-    report = cli.connect().call("admin.prune", {
+    report = cli.connect().call(ops.ADMIN_PRUNE.name, {
         "older_than": _duration(older_than, "--older-than"), "keep": keep,
         "states": state_list, "user": user, "all_users": all_users,
         "gc_grace": _duration(gc_grace, "--gc-grace"), "collect": not no_gc,

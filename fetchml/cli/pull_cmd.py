@@ -9,6 +9,7 @@ import click
 from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
 from fetchml.client.transfer import download_snapshot
 from fetchml.errors import Conflict, NotFound
+from fetchml.protocol import ops, ops_cluster
 
 
 @click.command()
@@ -19,7 +20,7 @@ from fetchml.errors import Conflict, NotFound
 def pull(cli: CliContext, job: str, dest: Path | None) -> None:
     """Download JOB's outputs into DEST (default ./outputs/JOB)."""
     conn = cli.connect()
-    found = conn.call("jobs.get", {"job": job})
+    found = conn.call(ops.JOBS_GET.name, {"job": job})
     if found["state"] in ("held", "queued", "running"):
         raise Conflict(f"job {found['id']} is {found['state']}; its outputs arrive when it "
                        f"ends (`fetchml wait {found['id']}`)")
@@ -30,7 +31,7 @@ def pull(cli: CliContext, job: str, dest: Path | None) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise Conflict(f"{target} already exists and is not empty; choose another destination")
     # In a cluster the outputs are stored where the job ran: have this daemon fetch them.
-    conn.call("cluster.outputs", {"job": str(found["id"])})
+    conn.call(ops_cluster.CLUSTER_OUTPUTS.name, {"job": str(found["id"])})
     manifest = download_snapshot(conn, found["outputs"], target)
     summary = {"job": found["id"], "dest": str(target), "snapshot": found["outputs"],
                "files": manifest.file_count, "bytes": manifest.total_bytes}

@@ -11,6 +11,8 @@ import click
 from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.cli.sync_cmd import describe, project_root, run_sync
 from fetchml.config import parse_bytes, parse_duration
+from fetchml.protocol import ops
+from fetchml.protocol.job import JobSubmission
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -64,15 +66,23 @@ def build_jobs(command: list[str], *, name: str | None, priority: int | None,
                retries: int | None, after: tuple[str, ...], env: tuple[str, ...],
                workdir: str | None, grid: tuple[str, ...], dataset: tuple[str, ...] = (),
                isolation: str | None = None,
-               labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+               labels: dict[str, str] | None = None) -> list[JobSubmission]:
     if not command:
         raise click.UsageError("give the command to run after --, e.g. "
                                "fetchml queue -- python train.py")
-    base: dict[str, Any] = {"env": parse_env(env), "after": list(after)}
-    for key, value in (("priority", priority), ("cpus", cpus), ("gpus", gpus),
-                       ("retries", retries), ("workdir", workdir), ("isolation", isolation)):
-        if value is not None:
-            base[key] = value
+    base: JobSubmission = {"env": parse_env(env), "after": list(after)}
+    if priority is not None:
+        base["priority"] = priority
+    if cpus is not None:
+        base["cpus"] = cpus
+    if gpus is not None:
+        base["gpus"] = gpus
+    if retries is not None:
+        base["retries"] = retries
+    if workdir is not None:
+        base["workdir"] = workdir
+    if isolation is not None:
+        base["isolation"] = isolation
     try:
         if memory is not None:
             base["memory"] = parse_bytes(memory)
@@ -84,7 +94,7 @@ def build_jobs(command: list[str], *, name: str | None, priority: int | None,
         base["labels"] = labels
     if dataset:
         base["datasets"] = list(dataset)  # resolved by the daemon to exact versions
-    jobs = []
+    jobs: list[JobSubmission] = []
     for argv, suffix in expand_grid(command, parse_grid(grid)):
         # unnamed sweep jobs are named by their own command, so tables tell them apart
         job_name = " ".join(filter(None, [name, suffix])) if name else " ".join(argv)[:80]
@@ -142,7 +152,8 @@ def queue(cli: CliContext, /, command: tuple[str, ...], snapshot: str | None,
             for job in jobs:
                 cli.say(f"would queue: {job['name']}  ({' '.join(job['argv'])})")
         return
-    submitted = cli.connect().call("jobs.submit", {"snapshot": snapshot, "jobs": jobs})["jobs"]
+    submitted = cli.connect().call(ops.JOBS_SUBMIT.name,
+                                   {"snapshot": snapshot, "jobs": jobs})["jobs"]
     if cli.as_json:
         cli.emit_json({"snapshot": submitted[0]["snapshot"],
                        "jobs": [{"id": j["id"], "name": j["name"], "state": j["state"]}

@@ -15,6 +15,7 @@ from fetchml.cli.jobs_view import (
     metrics_json,
     table_row,
 )
+from fetchml.protocol import ops, ops_metrics
 
 STATES = ["held", "queued", "running", "succeeded", "failed", "cancelled", "lost"]
 
@@ -40,8 +41,8 @@ def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, 
     conn = cli.connect()
     if job is not None:
         # pipelined; max_points 1 is the last point of each series
-        asked = conn.send("jobs.get", {"job": job})
-        metrics = conn.send("jobs.metrics", {"jobs": [job], "max_points": 1})
+        asked = conn.send(ops.JOBS_GET.name, {"job": job})
+        metrics = conn.send(ops_metrics.JOBS_METRICS.name, {"jobs": [job], "max_points": 1})
         found = asked.result()
         last = last_metrics(metrics.result()["jobs"][0])
         if cli.as_json:
@@ -52,7 +53,7 @@ def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, 
     args = _list_args(all_users, state, user, limit)
 
     def show() -> None:
-        jobs = conn.call("jobs.list", args)["jobs"]
+        jobs = conn.call(ops.JOBS_LIST.name, args)["jobs"]
         if cli.as_json:
             cli.emit_json({"jobs": [job_json(j) for j in jobs]})
         elif jobs:
@@ -63,7 +64,7 @@ def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, 
     if not watch:
         show()
         return
-    events = conn.stream("jobs.events", {})
+    events = conn.stream(ops.JOBS_EVENTS.name, {})
     try:
         while True:
             if not cli.as_json:

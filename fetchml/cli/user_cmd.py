@@ -6,6 +6,7 @@ import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
 from fetchml.cli.jobs_view import rfc3339
+from fetchml.protocol import ops
 
 
 @click.group()
@@ -21,7 +22,7 @@ def user() -> None:
 @pass_cli
 def add(cli: CliContext, name: str, role: str, uid: int | None) -> None:
     """Create NAME with a new API key, shown once."""
-    result = cli.connect().call("admin.users.add", {"name": name, "role": role, "uid": uid})
+    result = cli.connect().call(ops.ADMIN_USERS_ADD.name, {"name": name, "role": role, "uid": uid})
     if cli.as_json:
         cli.emit_json(result)
         return
@@ -36,7 +37,7 @@ def add(cli: CliContext, name: str, role: str, uid: int | None) -> None:
 @pass_cli
 def list_users(cli: CliContext) -> None:
     """List users (never their keys)."""
-    users = cli.connect().call("admin.users.list")["users"]
+    users = cli.connect().call(ops.ADMIN_USERS_LIST.name)["users"]
     if cli.as_json:
         cli.emit_json({"users": users})
         return
@@ -53,7 +54,7 @@ def list_users(cli: CliContext) -> None:
 @pass_cli
 def revoke(cli: CliContext, name: str) -> None:
     """Revoke NAME's key; their open sessions stop at their next request."""
-    result = cli.connect().call("admin.users.revoke", {"name": name})
+    result = cli.connect().call(ops.ADMIN_USERS_REVOKE.name, {"name": name})
     if cli.as_json:
         cli.emit_json(result)
     else:

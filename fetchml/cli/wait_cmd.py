@@ -7,12 +7,13 @@ import click
 from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.cli.jobs_view import job_json, outcome
 from fetchml.config import parse_duration
+from fetchml.protocol import ops
 
 
 def wait_for(cli: CliContext, jobs: list[str], *, timeout: float | None = None,
              quiet: bool = False) -> int:
     """Wait; returns the exit status (0 all succeeded, 1 otherwise, 124 timed out)."""
-    stream = cli.connect().stream("jobs.wait", {"jobs": jobs, "timeout": timeout})
+    stream = cli.connect().stream(ops.JOBS_WAIT.name, {"jobs": jobs, "timeout": timeout})
     for event in stream.events():
         job = event.data
         if not cli.as_json and not quiet:

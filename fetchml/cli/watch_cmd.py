@@ -31,6 +31,8 @@ from fetchml.errors import (
     Unauthenticated,
     Unavailable,
 )
+from fetchml.protocol import ops
+from fetchml.protocol.job import JobSubmission
 
 # First wait before reconnecting to a daemon that went away; doubled up to RECONNECT_MAX_S.
 RECONNECT_FIRST_S = 0.2
@@ -49,7 +51,7 @@ class WatchLoop:
     """One `fetchml watch` run: keeps the mirror current, syncs each burst, queues jobs."""
 
     def __init__(self, cli: CliContext, root: Path, *, debounce: float, events: ChangeWatcher,
-                 jobs: list[dict[str, Any]] | None, watch_id: str, restart: bool) -> None:
+                 jobs: list[JobSubmission] | None, watch_id: str, restart: bool) -> None:
         self.cli, self.debounce, self.events = cli, debounce, events
         self.mirror = TreeMirror(root, max_file_size=cli.settings.max_file_size)
         self.jobs, self.watch_id, self.restart = jobs, watch_id, restart
@@ -173,7 +175,7 @@ class WatchLoop:
             files, sent = self.put_objects(conn, _objects_to_check(manifest, args))
             sent_files, sent_bytes = sent_files + files, sent_bytes + sent
             try:
-                result = conn.call("snapshot.put", args)
+                result = conn.call(ops.SNAPSHOT_PUT.name, args)
             except (NotFound, BadRequest):  # the base was collected, or the delta refused
                 if self.base is None:
                     raise
@@ -223,9 +225,9 @@ class WatchLoop:
         conn = self.connection()
         if self.restart and self.last_jobs:
             with contextlib.suppress(NotFound):  # pruned meanwhile: nothing left to stop
-                conn.call("jobs.cancel", {"jobs": self.last_jobs, "reason": "superseded"})
-        submitted = conn.call("jobs.submit", {"snapshot": snapshot, "jobs": self.jobs,
-                                              "supersede": {"watch": self.watch_id}})["jobs"]
+                conn.call(ops.JOBS_CANCEL.name, {"jobs": self.last_jobs, "reason": "superseded"})
+        submitted = conn.call(ops.JOBS_SUBMIT.name, {"snapshot": snapshot, "jobs": self.jobs,
+                                                     "supersede": {"watch": self.watch_id}})["jobs"]
         self.queued_snapshot = snapshot
         self.last_jobs = [str(job["id"]) for job in submitted]
         return [{"id": j["id"], "name": j["name"], "state": j["state"]} for j in submitted]

@@ -31,7 +31,7 @@ from fetchml.errors import (
     ProtocolViolation,
     error_from_wire,
 )
-from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode
+from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode, ops
 
 log = logging.getLogger(__name__)
 _CLOSED = object()  # sentinel put on every waiting queue when the connection ends
@@ -85,7 +85,7 @@ class Pending:
 
     def cancel(self) -> None:
         """Ask the daemon to end this stream; its final reply still arrives."""
-        self.conn.call("stream.cancel", {"target": self.id})
+        self.conn.call(ops.STREAM_CANCEL.name, {"target": self.id})
 
 
 class Connection:
@@ -250,8 +250,8 @@ def connect(target: Target, *, api_key: str | None = None, timeout: float = 10.0
     sock.settimeout(None)
     conn = Connection(ws, target)
     try:
-        conn.hello = conn.call("hello", {"protocol": PROTOCOL_VERSION,
-                                         "client": f"fetchml/{__version__}"})
+        conn.hello = conn.call(ops.HELLO.name, {"protocol": PROTOCOL_VERSION,
+                                                "client": f"fetchml/{__version__}"})
     except FetchmlError:
         conn.close()
         raise

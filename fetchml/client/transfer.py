@@ -18,7 +18,7 @@ from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.scan import ScanResult, StatCache, scan_tree
 from fetchml.client.connection import Connection, Pending
 from fetchml.errors import BadRequest, IntegrityError
-from fetchml.protocol import CHUNK_BYTES
+from fetchml.protocol import CHUNK_BYTES, ops
 
 # cas.missing batch size: well under the protocol's array limit.
 MISSING_BATCH = 50_000
@@ -59,7 +59,7 @@ def scan_project(root: Path, *, max_file_size: int, extra_ignores: tuple[str, ..
 
 
 def find_missing(conn: Connection, oids: list[str]) -> list[str]:
-    pending = [conn.send("cas.missing", {"oids": oids[i:i + MISSING_BATCH]})
+    pending = [conn.send(ops.CAS_MISSING.name, {"oids": oids[i:i + MISSING_BATCH]})
                for i in range(0, len(oids), MISSING_BATCH)]
     return [oid for p in pending for oid in p.result()["missing"]]
 
@@ -69,7 +69,7 @@ def offer_snapshot(conn: Connection, encoded: bytes, sizes: Mapping[str, int]
     """snapshot.put before any upload: (its result, None) when the daemon has every object,
     else (None, the objects it lacks), or (None, None) when it did not list them all."""
     try:
-        return conn.call("snapshot.put", {"manifest": encoded}), None
+        return conn.call(ops.SNAPSHOT_PUT.name, {"manifest": encoded}), None
     except IntegrityError as exc:
         listed, count = exc.details.get("missing"), exc.details.get("missing_count")
         if (isinstance(listed, list) and count == len(listed)
@@ -112,7 +112,7 @@ def upload(conn: Connection, missing: list[str], sources: Mapping[str, Path],
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            window.append(conn.send("cas.put", {"blobs": batch}))
+            window.append(conn.send(ops.CAS_PUT.name, {"blobs": batch}))
             batch, batch_bytes = [], 0
         while len(window) > UPLOAD_WINDOW:
             _settle(window.popleft())
@@ -166,7 +166,7 @@ def sync_tree(conn: Connection, root: Path, *, max_file_size: int, dry_run: bool
                               0, 0, scan.hashed_files)
     missing = listed if listed is not None else find_missing(conn, sorted(sizes))
     sent = upload(conn, missing, scan.sources, sizes, progress)
-    result = conn.call("snapshot.put", {"manifest": encoded})
+    result = conn.call(ops.SNAPSHOT_PUT.name, {"manifest": encoded})
     return SyncReport(result["snapshot"], manifest.file_count, manifest.total_bytes,
                       len(missing), sent, scan.hashed_files)
 
@@ -185,7 +185,7 @@ class RemoteObjects:
         fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         hasher = Hasher()
         try:
-            stream = self.conn.stream("cas.get", {"oid": oid})
+            stream = self.conn.stream(ops.CAS_GET.name, {"oid": oid})
             for event in stream.events():
                 data = event.data
                 hasher.update(data)
@@ -204,7 +204,7 @@ def download_snapshot(conn: Connection, snapshot: str, dest: Path) -> SnapshotMa
     """Materialise a stored snapshot into ``dest`` (which must not exist or be empty)."""
     from fetchml.cas.materialize import materialize  # only pulls need it: keeps sync start-up light
 
-    reply = conn.call("snapshot.get", {"snapshot": snapshot})
+    reply = conn.call(ops.SNAPSHOT_GET.name, {"snapshot": snapshot})
     manifest = SnapshotManifest.decode(reply["manifest"])
     sizes = {e.oid: e.size for e in manifest.entries if e.oid is not None}
     materialize(manifest, RemoteObjects(conn, sizes), dest)  # type: ignore[arg-type]

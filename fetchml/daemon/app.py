@@ -73,6 +73,9 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     session = Session(core, ws, identity, identity.source)
+    if core.connections is not None and knock.unix is None:
+        gate, transport = core.connections, request.transport
+        session.on_hello = lambda: gate.admitted(transport)
     core.sessions.add(session)
     try:
         await session.run()

@@ -199,7 +199,7 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
             await runner.setup()
             await web.SockSite(runner, unix).start()
             if tcp_sock is not None:  # through the gate: the Unix socket is always served
-                gate = _gate(settings, with_policy=True)
+                gate = _gate(settings, app[DAEMON_CORE], with_policy=True)
                 app[DAEMON_CORE].connections = gate
                 cleanups.append(_serve_through(gate, tcp_sock, runner, context))
                 log.info("listening on %s", info["url"])
@@ -209,7 +209,8 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
                 await metrics_runner.setup()
                 cleanups.append(metrics_runner.cleanup)
                 metrics_sock = bind_tcp_socket(*parse_listen(settings.metrics_listen))
-                cleanups.append(_serve_through(_gate(settings, with_policy=False),
+                cleanups.append(_serve_through(_gate(settings, app[DAEMON_CORE],
+                                                     with_policy=False),
                                                metrics_sock, metrics_runner, None))
                 info["metrics"] = _url("http", metrics_sock.getsockname()) + "/metrics"
                 log.info("metrics on %s", info["metrics"])
@@ -244,12 +245,14 @@ async def serve(settings: DaemonSettings, *, on_ready: Callable[[dict[str, objec
     log.info("stopped")
 
 
-def _gate(settings: DaemonSettings, *, with_policy: bool) -> ConnectionGate:
+def _gate(settings: DaemonSettings, core: DaemonCore, *, with_policy: bool) -> ConnectionGate:
     policy = (NetworkPolicy(settings.ip_allowlist, settings.trusted_proxies,
                             settings.allowed_origins) if with_policy else None)
+    refused = core.metrics.connections_refused
     return ConnectionGate(policy=policy, deadline=settings.connect_deadline,
                           per_address=settings.max_pending_per_address,
-                          total=settings.max_pending_connections)
+                          total=settings.max_pending_connections,
+                          on_refuse=lambda reason: refused.labels(reason).inc())
 
 
 def _serve_through(gate: ConnectionGate, sock: socket.socket, runner: web.AppRunner,

@@ -1,4 +1,9 @@
-"""One WebSocket connection: handshake, limits, dispatch by id, streams, shutdown."""
+"""One WebSocket connection: handshake, limits, dispatch by id, streams, shutdown.
+
+Each op's declared policy (``fetchml.protocol.schema.OpSpec``) is enforced here, for every op,
+around its handler: the rate limit before the arguments are read, the permissions once they
+are checked, the audit record after a success, and arrival order for ordered ops.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from fetchml import __version__, logctx
-from fetchml.daemon.handlers import HANDLERS, ORDERED_OPS, Call
+from fetchml.daemon.handlers import HANDLERS, Call
 from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, FetchmlError, ProtocolViolation, RateLimited
 from fetchml.protocol import (
@@ -28,6 +33,8 @@ from fetchml.protocol import (
     reply_ok,
     stream_event,
 )
+from fetchml.protocol.ops import HELLO, STREAM_CANCEL
+from fetchml.protocol.schema import OpSpec
 
 if TYPE_CHECKING:
     from fetchml.daemon.core import DaemonCore
@@ -35,15 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Ops whose successful calls go to the audit log (with a summary of what they did).
-AUDITED_OPS = frozenset({"jobs.submit", "jobs.cancel", "admin.prune", "admin.users.add",
-                         "admin.users.revoke", "datasets.push", "datasets.rm"})
 # How long in-flight requests may run on after the daemon is asked to stop, before they are
 # answered with "unavailable"; short, since systemd waits for us.
 SHUTDOWN_GRACE_S = 5.0
 
 
-def audit(call: Call, result: Any) -> None:
+def audit(call: Call[Any], result: Any) -> None:
     """Record a successful state-changing request, with a summary of what it did."""
     summary: dict[str, Any] = {}
     if isinstance(result, dict) and isinstance(result.get("jobs"), list):
@@ -64,6 +68,7 @@ class Session:
     def __init__(self, core: DaemonCore, ws: web.WebSocketResponse, identity: Identity,
                  peer: str) -> None:
         self.core, self.ws, self.identity, self.peer = core, ws, identity, peer
+        self.on_hello: Callable[[], None] | None = None  # the TCP gate lets go of it then
         self.limits = core.limits
         self.in_flight: dict[int, asyncio.Task[None] | None] = {}
         self.streams: set[int] = set()
@@ -132,13 +137,13 @@ class Session:
         if frame is None:
             return False
         request = parse_request(frame)
-        if request.op != "hello":
+        if request.op != HELLO.name:
             await self.send(reply_error(request.id, BadRequest.code,
                                         "the first request must be hello"))
             await self.close(CloseCode.POLICY_VIOLATION, "the first request must be hello")
             return False
         try:
-            args = CATALOGUE["hello"].validate(request.args)
+            args = HELLO.validate(request.args)
         except BadRequest as exc:
             await self.send(reply_error(request.id, exc.code, exc.message))
             await self.close(CloseCode.PROTOCOL_ERROR, "bad hello")
@@ -153,6 +158,8 @@ class Session:
         self.protocol = agreed
         log.debug("hello from %s (%s) as %s", self.peer, args["client"], self.identity.user)
         await self.send(reply_ok(request.id, self.hello_result()))
+        if self.on_hello is not None:
+            self.on_hello()
         return True
 
     def hello_result(self) -> dict[str, Any]:
@@ -191,7 +198,7 @@ class Session:
             await self.send(reply_error(request.id, "unavailable",
                                         "the daemon is stopping; retry once it is back"))
             return
-        if request.op == "stream.cancel":
+        if request.op == STREAM_CANCEL.name:
             await self._cancel_stream(request)
             return
         if not self.core.auth.still_valid(self.identity):
@@ -199,15 +206,15 @@ class Session:
                                         "your access was revoked; ask an admin for a new key"))
             await self.close(CloseCode.POLICY_VIOLATION, "access revoked")
             return
-        if request.op == "jobs.submit":
+        spec, handler = CATALOGUE.get(request.op), HANDLERS.get(request.op)
+        if spec is not None and spec.rate_limited:
             try:
                 self.core.auth.charge_submit(self.identity)
             except RateLimited as exc:
                 await self.send(reply_error(request.id, exc.code, exc.message, exc.details))
                 return
-        spec, handler = CATALOGUE.get(request.op), HANDLERS.get(request.op)
-        if spec is None or handler is None or request.op == "hello":
-            message = ("hello was already sent" if request.op == "hello" else
+        if spec is None or handler is None or request.op == HELLO.name:
+            message = ("hello was already sent" if request.op == HELLO.name else
                        f"unknown op {request.op!r}; this daemon speaks protocol "
                        f"{PROTOCOL_VERSION}, upgrade it if the CLI is newer")
             await self.send(reply_error(request.id, BadRequest.code, message))
@@ -220,19 +227,21 @@ class Session:
         call = Call(self.core, self, self.identity, request.id, request.op, args)
         if spec.stream:
             self.streams.add(request.id)
-        if request.op in ORDERED_OPS:
+        if spec.ordered:
             self.in_flight[request.id] = None
-            await self._run(call)
+            await self._run(call, spec)
         else:
-            self.in_flight[request.id] = asyncio.create_task(self._run(call))
+            self.in_flight[request.id] = asyncio.create_task(self._run(call, spec))
 
-    async def _run(self, call: Call) -> None:
+    async def _run(self, call: Call[Any], spec: OpSpec[Any]) -> None:
         started = time.monotonic()
         logctx.request_id.set(f"{self.identity.user}:{call.request_id}")
         try:
+            for permission in spec.permissions:
+                call.require(permission)
             result = await HANDLERS[call.op](call)
             await self.send(reply_ok(call.request_id, result))
-            if call.op in AUDITED_OPS:
+            if spec.audited:
                 audit(call, result)
         except _StreamCancelled:
             await self.send(reply_ok(call.request_id, {"cancelled": True}))
@@ -258,7 +267,7 @@ class Session:
 
     async def _cancel_stream(self, request: Request) -> None:
         try:
-            args = CATALOGUE["stream.cancel"].validate(request.args)
+            args = STREAM_CANCEL.validate(request.args)
         except BadRequest as exc:
             await self.send(reply_error(request.id, exc.code, exc.message))
             return

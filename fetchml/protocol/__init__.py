@@ -25,12 +25,18 @@ Messages
     cancel    ``{"id": m, "op": "stream.cancel", "args": {"target": n}}`` ends stream ``n``,
               whose final reply is then ``{"ok": true, "result": {"cancelled": true}}``.
 
-    The first request must be ``hello`` (``{"protocol": 1, "client": "fetchml/x.y"}``); the
+    The first request must be ``hello`` (``{"protocol": 2, "client": "fetchml/x.y"}``); the
     daemon answers with the protocol version both speak (the lower), the user and role it
     authenticated, and the host's resources, or ``bad_request`` and a close when no common
     version exists. Requests may be pipelined: the daemon answers each once, by id, in any
-    order, except ``cas.put``, which is processed in arrival order. A request id reused while
-    in flight closes the connection.
+    order, except for ops declared ordered (``cas.put``), which a connection's requests run
+    one at a time in arrival order. A request id reused while in flight closes the connection.
+
+Versions
+    2 (current) and 1 are spoken. They differ only in how a job is spelled: protocol 2 says
+    ``gpus`` (how many GPUs, as on submit), ``gpu_ids`` (which were given) and ``retries`` (as
+    on submit); a protocol 1 session gets ``gpus_requested``, ``gpus`` (the indices) and
+    ``max_attempts`` (retries + 1) instead (``fetchml.protocol.job``).
 
 Errors
     A closed set of codes (``fetchml.errors.ERROR_CODES``): ``bad_request``,
@@ -54,8 +60,18 @@ Blobs
     ``cas.put`` chunks carry at most 4 MiB of data each, and ``cas.get`` streams chunks of at
     most 4 MiB, so a file of any size moves in bounded memory on both sides.
 
+Policy
+    Each op declares (``fetchml.protocol.schema.OpSpec``) the permissions its caller's role
+    needs, whether successful calls are written to the audit log, whether calls are rate
+    limited (``jobs.submit``), and whether they run in arrival order. The daemon enforces it
+    for every op the same way: rate limit first (``rate_limited``), then the arguments
+    (``bad_request``), then the permissions (``permission_denied``: "user U (role R) may not do
+    this (PERMISSION); ask an admin for a role that allows it"). Some ops also check a
+    permission that depends on what is asked (``jobs:read:all`` for others' jobs).
+
 Ops
-    The catalogue, with each op's arguments, result and events, is ``fetchml.protocol.ops``.
+    The catalogue, with each op's policy, arguments, result and events, is
+    ``fetchml.protocol.ops``; a job in results and events is ``fetchml.protocol.job.WireJob``.
     Checked-in sample frames under ``tests/protocol_frames/`` are replayed by the test suite so
     that the wire format cannot drift by accident.
 """

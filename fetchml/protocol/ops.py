@@ -1,5 +1,11 @@
 """The op catalogue: every op's name, arguments, result and stream events.
 
+Each op is declared once, here, with its policy: the permissions it needs, whether it is
+audited, rate limited or run in arrival order, and its arguments (``Arg``s, and a
+``TypedDict`` of them that handlers read); see ``fetchml.protocol.schema.OpSpec``. A ``job`` in
+results and events is ``fetchml.protocol.job.WireJob``; the jobs of ``jobs.submit`` are
+``JobSubmission``s. Callers name ops by their spec (``ops.JOBS_SUBMIT.name``).
+
 This file is part of the protocol specification (see the package docstring);
 ``python -c "import fetchml.protocol.ops as o; print(o.describe())"`` prints it as text.
 Job ids travel as strings (``"42"``) so that a later id scheme does not break clients.
@@ -7,11 +13,21 @@ Job ids travel as strings (``"42"``) so that a later id scheme does not break cl
 
 from __future__ import annotations
 
-from fetchml.protocol import ops_cluster, ops_datasets, ops_metrics
-from fetchml.protocol.schema import Arg, OpSpec, in_range, non_negative
+from typing import Any, TypedDict
 
-PROTOCOL_VERSION = 1
+from fetchml.protocol import ops_cluster, ops_datasets, ops_metrics
+from fetchml.protocol.job import SUBMIT_FIELDS_DOC, WIRE_JOB_DOC
+from fetchml.protocol.schema import Arg, NoArgs, OpSpec, in_range, non_negative
+
+# 2: jobs say "gpus" (how many) and "gpu_ids" (which), "retries" as submit does. A protocol-1
+# session still gets jobs in protocol 1's spelling (fetchml.protocol.job.job_v1).
+PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
+
+class HelloArgs(TypedDict):
+    protocol: int
+    client: str
+
 
 HELLO = OpSpec(
     "hello",
@@ -22,7 +38,13 @@ HELLO = OpSpec(
         Arg("client", str, "client name and version, e.g. fetchml/0.1.0", default=""),
     ),
     result='{"protocol", "daemon", "user", "role", "host": {"name", "cpus", "memory", "gpus"}}',
+    params=HelloArgs, permissions=(),
 )
+
+
+class StreamCancelArgs(TypedDict):
+    target: int
+
 
 STREAM_CANCEL = OpSpec(
     "stream.cancel",
@@ -30,6 +52,7 @@ STREAM_CANCEL = OpSpec(
     '{"ok": true, "result": {"cancelled": true}}.',
     args=(Arg("target", int, "the id of the stream request to end", required=True),),
     result='{"cancelled": bool} (false when the target was not a running stream)',
+    params=StreamCancelArgs, permissions=(),
 )
 
 HOST_INFO = OpSpec(
@@ -37,9 +60,18 @@ HOST_INFO = OpSpec(
     "Who you are, the daemon's version, and this host's resources and their use.",
     result='{"protocol", "daemon", "user", "role", "host": {...}, "free": {"cpus", "memory", '
     '"gpus": [index]}, "jobs": {state: count}}',
+    params=NoArgs, permissions=("host:read",),
 )
 
-HOST_PING = OpSpec("host.ping", "Answers at once; for latency checks.", result='{"time": float}')
+HOST_PING = OpSpec(
+    "host.ping", "Answers at once; for latency checks.", result='{"time": float}',
+    params=NoArgs, permissions=(),
+)
+
+
+class HostMonitorArgs(TypedDict):
+    interval: float
+
 
 HOST_MONITOR = OpSpec(
     "host.monitor",
@@ -56,14 +88,26 @@ HOST_MONITOR = OpSpec(
     stream=True,
     events='"host": {"time", "free": {...}, "jobs": {state: count}}',
     result='{"cancelled": true}',
+    params=HostMonitorArgs, permissions=("host:read",),
 )
+
+
+class CasMissingArgs(TypedDict):
+    oids: list[str]
+
 
 CAS_MISSING = OpSpec(
     "cas.missing",
     "Which of these objects the daemon lacks (send at most 100,000 per call).",
     args=(Arg("oids", list, "object ids (64 hex)", required=True, items=str),),
     result='{"missing": [oid]} in the order given',
+    params=CasMissingArgs, permissions=("cas:write",),
 )
+
+
+class CasPutArgs(TypedDict):
+    blobs: list[dict[str, Any]]  # {oid, size, offset, data}
+
 
 CAS_PUT = OpSpec(
     "cas.put",
@@ -74,7 +118,13 @@ CAS_PUT = OpSpec(
     "Requests are processed in the order they arrive, so clients pipeline them freely.",
     args=(Arg("blobs", list, "chunks, at most 4 MiB of data in all", required=True, items=dict),),
     result='{"stored": [oid]} objects completed by this request',
+    params=CasPutArgs, permissions=("cas:write",), ordered=True,
 )
+
+
+class CasGetArgs(TypedDict):
+    oid: str
+
 
 CAS_GET = OpSpec(
     "cas.get",
@@ -84,7 +134,17 @@ CAS_GET = OpSpec(
     stream=True,
     events='"chunk": bin (at most 4 MiB)',
     result='{"oid", "size"}',
+    params=CasGetArgs, permissions=("cas:read",),
 )
+
+
+class SnapshotPutArgs(TypedDict):
+    manifest: bytes | None
+    base: str | None
+    upsert: list[list[Any]] | None
+    remove: list[str] | None
+    expect: str | None
+
 
 SNAPSHOT_PUT = OpSpec(
     "snapshot.put",
@@ -102,21 +162,27 @@ SNAPSHOT_PUT = OpSpec(
             default=None, nullable=True),
     ),
     result='{"snapshot" (64 hex), "files", "bytes"}; integrity error listing missing objects',
+    params=SnapshotPutArgs, permissions=("cas:write",),
 )
+
+
+class SnapshotArgs(TypedDict):
+    snapshot: str
+
 
 SNAPSHOT_GET = OpSpec(
     "snapshot.get",
     "Returns a stored manifest; accepts any unique prefix of at least 6 hex digits.",
     args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
     result='{"snapshot", "manifest": bin, "files", "bytes"}',
+    params=SnapshotArgs, permissions=("cas:read",),
 )
 
-JOB_FIELDS_DOC = (
-    '{"argv": [str] (required), "name", "env": {str: str}, "workdir", "priority" (1-10), '
-    '"cpus", "memory" (bytes), "gpus", "timeout" (s), "retries", "after": [job id], '
-    '"labels": {str: str}, "datasets": ["NAME[@V][:MOUNT]"], "isolation": "none" | "bwrap" | '
-    '"podman"}'
-)
+class JobsSubmitArgs(TypedDict):
+    snapshot: str
+    jobs: list[dict[str, Any]]  # each a JobSubmission, checked field by field
+    supersede: dict[str, str] | None
+
 
 JOBS_SUBMIT = OpSpec(
     "jobs.submit",
@@ -124,7 +190,7 @@ JOBS_SUBMIT = OpSpec(
     "durable.",
     args=(
         Arg("snapshot", str, "snapshot id or unique prefix", required=True),
-        Arg("jobs", list, f"job specs, each {JOB_FIELDS_DOC}", required=True, items=dict),
+        Arg("jobs", list, f"job specs, each {SUBMIT_FIELDS_DOC}", required=True, items=dict),
         Arg(
             "supersede",
             dict,
@@ -136,7 +202,17 @@ JOBS_SUBMIT = OpSpec(
         ),
     ),
     result='{"jobs": [job]}',
+    params=JobsSubmitArgs, permissions=("jobs:create",), audited=True, rate_limited=True,
 )
+
+
+class JobsListArgs(TypedDict):
+    states: list[str] | None
+    owner: str | None
+    all_users: bool
+    limit: int
+    before: int | None
+
 
 JOBS_LIST = OpSpec(
     "jobs.list",
@@ -149,14 +225,27 @@ JOBS_LIST = OpSpec(
         Arg("before", int, "only jobs with a smaller id (paging)", default=None, nullable=True),
     ),
     result='{"jobs": [job]}',
+    params=JobsListArgs, permissions=("jobs:read",),
 )
+
+
+class JobArgs(TypedDict):
+    job: str
+
 
 JOBS_GET = OpSpec(
     "jobs.get",
     "One job in detail.",
     args=(Arg("job", str, "job id", required=True),),
     result="job",
+    params=JobArgs, permissions=("jobs:read",),
 )
+
+
+class JobsCancelArgs(TypedDict):
+    jobs: list[str]
+    reason: str
+
 
 JOBS_CANCEL = OpSpec(
     "jobs.cancel",
@@ -167,7 +256,14 @@ JOBS_CANCEL = OpSpec(
         Arg("reason", str, "recorded with the job", default=""),
     ),
     result='{"jobs": [job]}',
+    params=JobsCancelArgs, permissions=("jobs:cancel",), audited=True,
 )
+
+
+class JobsWaitArgs(TypedDict):
+    jobs: list[str]
+    timeout: float | None
+
 
 JOBS_WAIT = OpSpec(
     "jobs.wait",
@@ -179,7 +275,16 @@ JOBS_WAIT = OpSpec(
     stream=True,
     events='"job": job, once per job as it ends',
     result='{"jobs": [job], "timed_out": bool}',
+    params=JobsWaitArgs, permissions=("jobs:read",),
 )
+
+
+class JobsLogsArgs(TypedDict):
+    job: str
+    attempt: int | None
+    offset: int
+    follow: bool
+
 
 JOBS_LOGS = OpSpec(
     "jobs.logs",
@@ -194,7 +299,13 @@ JOBS_LOGS = OpSpec(
     stream=True,
     events='"log": bin',
     result='{"offset": next byte, "state": job state, "attempt"}',
+    params=JobsLogsArgs, permissions=("jobs:read",),
 )
+
+
+class JobsEventsArgs(TypedDict):
+    jobs: list[str] | None
+
 
 JOBS_EVENTS = OpSpec(
     "jobs.events",
@@ -203,14 +314,28 @@ JOBS_EVENTS = OpSpec(
     stream=True,
     events='"job": job',
     result='{"cancelled": true}',
+    params=JobsEventsArgs, permissions=("jobs:read",),
 )
+
+
+class AdminFsckArgs(TypedDict):
+    read_data: bool
+
 
 ADMIN_FSCK = OpSpec(
     "admin.fsck",
     "Checks the object store: with read_data every object is re-hashed.",
     args=(Arg("read_data", bool, "re-hash every object", default=False),),
     result='{"objects", "snapshots", "problems": [{"kind", "oid", "message"}]}',
+    params=AdminFsckArgs, permissions=("admin:fsck",),
 )
+
+
+class AdminUsersAddArgs(TypedDict):
+    name: str
+    role: str
+    uid: int | None
+
 
 ADMIN_USERS_ADD = OpSpec(
     "admin.users.add",
@@ -222,6 +347,7 @@ ADMIN_USERS_ADD = OpSpec(
             nullable=True),
     ),
     result='{"name", "role", "key"}',
+    params=AdminUsersAddArgs, permissions=("admin:users",), audited=True,
 )
 
 ADMIN_USERS_LIST = OpSpec(
@@ -229,14 +355,27 @@ ADMIN_USERS_LIST = OpSpec(
     "Every user, from the config and added at run time (never keys or their hashes).",
     result='{"users": [{"name", "role", "uid", "has_key", "created_at", "revoked_at", '
     '"source"}]}',
+    params=NoArgs, permissions=("admin:users",),
 )
+
+
+class AdminUsersRevokeArgs(TypedDict):
+    name: str
+
 
 ADMIN_USERS_REVOKE = OpSpec(
     "admin.users.revoke",
     "Revokes a user's key; their open sessions are refused at their next request.",
     args=(Arg("name", str, "user name", required=True),),
     result='{"name", "revoked_at"}',
+    params=AdminUsersRevokeArgs, permissions=("admin:users",), audited=True,
 )
+
+
+class AdminAuditArgs(TypedDict):
+    verify: bool
+    tail: int
+
 
 ADMIN_AUDIT = OpSpec(
     "admin.audit",
@@ -247,7 +386,20 @@ ADMIN_AUDIT = OpSpec(
             check=in_range(0, 10_000)),
     ),
     result='{"ok", "lines", "files", "bad_file", "bad_line", "reason", "entries": [...]}',
+    params=AdminAuditArgs, permissions=("admin:audit",),
 )
+
+
+class AdminPruneArgs(TypedDict):
+    older_than: float | None
+    keep: int | None
+    states: list[str] | None
+    user: str | None
+    all_users: bool
+    gc_grace: float | None
+    collect: bool
+    dry_run: bool
+
 
 ADMIN_PRUNE = OpSpec(
     "admin.prune",
@@ -268,6 +420,7 @@ ADMIN_PRUNE = OpSpec(
         Arg("dry_run", bool, "report what would be freed; change nothing", default=False),
     ),
     result='{"jobs", "runs", "objects", "bytes", "snapshots", "dry_run"}',
+    params=AdminPruneArgs, permissions=("jobs:prune",), audited=True,
 )
 
 SNAPSHOT_PIN = OpSpec(
@@ -275,6 +428,7 @@ SNAPSHOT_PIN = OpSpec(
     "Keeps a snapshot (and every object it names) from garbage collection.",
     args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
     result='{"snapshot"}',
+    params=SnapshotArgs, permissions=("cas:write",),
 )
 
 SNAPSHOT_UNPIN = OpSpec(
@@ -283,18 +437,20 @@ SNAPSHOT_UNPIN = OpSpec(
     "garbage collection treats it like any other again.",
     args=(Arg("snapshot", str, "snapshot id or unique prefix", required=True),),
     result='{"snapshot", "by": [user]} (whose pins were removed)',
+    params=SnapshotArgs, permissions=("cas:write",),
 )
 
 SNAPSHOT_PINS = OpSpec(
     "snapshot.pins",
     "Your pins (an admin sees everyone's), one entry per snapshot and user.",
     result='{"pins": [{"snapshot", "by"}]}',
+    params=NoArgs, permissions=("cas:read",),
 )
 
 # Ops of optional subsystems live in modules of their own.
 _GROUPS = (*ops_cluster.OPS, *ops_datasets.OPS, *ops_metrics.OPS)
 
-CATALOGUE: dict[str, OpSpec] = {
+CATALOGUE: dict[str, OpSpec[Any]] = {
     spec.name: spec
     for spec in (
         *_GROUPS,
@@ -328,6 +484,12 @@ CATALOGUE: dict[str, OpSpec] = {
 }
 
 
+# Ops the session answers itself, before and beside the handlers: the handshake and the end of
+# a stream. Every other op of the catalogue has a handler.
+CONNECTION_OPS = frozenset({HELLO.name, STREAM_CANCEL.name})
+
+
 def describe() -> str:
-    """The whole catalogue as text."""
-    return "\n\n".join(spec.describe() for spec in CATALOGUE.values())
+    """The whole catalogue as text, after the shape of a job."""
+    job = f"job (in results and events): {WIRE_JOB_DOC}"
+    return "\n\n".join([job, *(spec.describe() for spec in CATALOGUE.values())])

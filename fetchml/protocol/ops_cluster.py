@@ -7,7 +7,13 @@ ops here are what a cluster adds for users.
 
 from __future__ import annotations
 
-from fetchml.protocol.schema import Arg, OpSpec
+from typing import Any, TypedDict
+
+from fetchml.protocol.schema import Arg, NoArgs, OpSpec
+
+
+class ClusterOutputsArgs(TypedDict):
+    job: str
 
 CLUSTER_HOSTS = OpSpec(
     "cluster.hosts",
@@ -17,6 +23,7 @@ CLUSTER_HOSTS = OpSpec(
     result='{"hosts": [{"name", "address", "resources": {"cpus", "memory", "gpus": [gpu]}, '
     '"free": {"cpus", "memory", "gpus": [index]}, "last_seen" (epoch s), "age" (s), '
     '"alive"}], "self": name}',
+    params=NoArgs, permissions=("host:read",),
 )
 
 CLUSTER_OUTPUTS = OpSpec(
@@ -26,6 +33,7 @@ CLUSTER_OUTPUTS = OpSpec(
     args=(Arg("job", str, "job id", required=True),),
     result='{"job", "snapshot", "objects" (fetched), "bytes" (fetched), "source" (host or '
     "null when they were here)}",
+    params=ClusterOutputsArgs, permissions=("jobs:read", "cas:read"),
 )
 
-OPS: tuple[OpSpec, ...] = (CLUSTER_HOSTS, CLUSTER_OUTPUTS)
+OPS: tuple[OpSpec[Any], ...] = (CLUSTER_HOSTS, CLUSTER_OUTPUTS)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 from fetchml.errors import BadRequest
-from fetchml.protocol.schema import Arg, OpSpec
+from fetchml.protocol.schema import Arg, NoArgs, OpSpec
 
 # Names become directory names in a job's data dir: no separators, dots or spaces up front.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -79,6 +80,16 @@ def _description(value: str) -> str | None:
     return None if len(value) <= MAX_DESCRIPTION else f"must be at most {MAX_DESCRIPTION} long"
 
 
+class DatasetsPushArgs(TypedDict):
+    name: str
+    snapshot: str
+    description: str
+
+
+class DatasetArgs(TypedDict):
+    name: str  # NAME or NAME@VERSION
+
+
 DATASETS_PUSH = OpSpec(
     "datasets.push",
     "Records a stored snapshot (sync it first) as the next version of a dataset, created on its "
@@ -91,12 +102,14 @@ DATASETS_PUSH = OpSpec(
         Arg("description", str, "what this version holds", default="", check=_description),
     ),
     result=f'{{{VERSION_FIELDS} ("ready"), "created": bool}}',
+    params=DatasetsPushArgs, permissions=("datasets:write",), audited=True,
 )
 
 DATASETS_LIST = OpSpec(
     "datasets.list",
     "Every dataset with at least one version: its owner, how many versions, the latest one.",
     result='{"datasets": [{"name", "owner", "versions": int, "latest": version}]}',
+    params=NoArgs, permissions=("datasets:read",),
 )
 
 DATASETS_INFO = OpSpec(
@@ -106,6 +119,7 @@ DATASETS_INFO = OpSpec(
     args=(Arg("name", str, "NAME or NAME@VERSION", required=True, check=_name_ref),),
     result=f'{{"name", "owner", "versions": [{{{VERSION_FIELDS} ("ready" or "removing"), '
            '"cached": bool}]}',
+    params=DatasetArgs, permissions=("datasets:read",),
 )
 
 DATASETS_RM = OpSpec(
@@ -116,6 +130,7 @@ DATASETS_RM = OpSpec(
     "with datasets:delete:all.",
     args=(Arg("name", str, "NAME or NAME@VERSION", required=True, check=_name_ref),),
     result=f'{{"name", "removed": [{{{VERSION_FIELDS} ("removed")}}]}}',
+    params=DatasetArgs, permissions=("datasets:write",), audited=True,
 )
 
-OPS: tuple[OpSpec, ...] = (DATASETS_PUSH, DATASETS_LIST, DATASETS_INFO, DATASETS_RM)
+OPS: tuple[OpSpec[Any], ...] = (DATASETS_PUSH, DATASETS_LIST, DATASETS_INFO, DATASETS_RM)

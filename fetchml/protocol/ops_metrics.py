@@ -8,6 +8,8 @@ latest attempt.
 
 from __future__ import annotations
 
+from typing import Any, TypedDict
+
 from fetchml.protocol.schema import Arg, OpSpec, in_range
 
 MAX_JOBS = 100  # jobs one request may ask about: a large sweep, side by side
@@ -17,6 +19,13 @@ METRICS_ENTRY_DOC = (
     '"dropped" (values past the series limit), "counts": {name: points written}, '
     '"series": {name: [[step, value]]}}'
 )
+
+class JobsMetricsArgs(TypedDict):
+    jobs: list[str]
+    follow: bool
+    max_points: int | None
+    names: list[str] | None
+
 
 JOBS_METRICS = OpSpec(
     "jobs.metrics",
@@ -36,6 +45,7 @@ JOBS_METRICS = OpSpec(
     events='"metrics": {"job", "attempt", "reset": bool, "records", "malformed", '
     '"series": {name: [[step, value]]}}',
     result=f'{{"jobs": [{METRICS_ENTRY_DOC}]}}',
+    params=JobsMetricsArgs, permissions=("jobs:read",),
 )
 
-OPS: tuple[OpSpec, ...] = (JOBS_METRICS,)
+OPS: tuple[OpSpec[Any], ...] = (JOBS_METRICS,)

@@ -1,10 +1,18 @@
-"""Declarative argument checking for ops: each op lists its arguments once, here and in docs."""
+"""Each op declared once: its arguments (checked here), their types, and its policy.
+
+An ``OpSpec`` is everything that varies per op: the arguments it takes (``Arg``, checked by
+``validate`` before a handler sees them) and their static type (``params``, a ``TypedDict``
+whose keys are the arguments, every one present once defaults are filled in); the permissions
+its caller needs; whether successful calls go to the audit log, whether calls are rate limited
+and whether a connection's calls run one at a time in arrival order. The daemon's session
+enforces the policy for every op in one place; handlers register against the spec.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar, cast
 
 from fetchml.errors import BadRequest
 
@@ -49,9 +57,16 @@ class Arg:
         return f"{self.name}: {kind}, {need}. {self.doc}"
 
 
+A = TypeVar("A", bound=Mapping[str, Any])
+
+
+class NoArgs(TypedDict):
+    """The arguments of an op that takes none."""
+
+
 @dataclass(frozen=True)
-class OpSpec:
-    """An op's name, arguments, whether it streams, and its documentation."""
+class OpSpec(Generic[A]):
+    """An op's name, arguments and their type, policy, whether it streams, and its docs."""
 
     name: str
     doc: str
@@ -59,12 +74,20 @@ class OpSpec:
     stream: bool = False
     result: str = ""
     events: str = ""
+    # The arguments as handlers read them (a TypedDict keyed by the names in ``args``).
+    params: type[A] = field(kw_only=True)
+    # Permissions the caller's role needs, all of them, checked after the arguments; () for
+    # ops that any authenticated identity may call.
+    permissions: tuple[str, ...] = field(kw_only=True)
+    audited: bool = field(default=False, kw_only=True)  # successful calls are audited
+    rate_limited: bool = field(default=False, kw_only=True)  # charged to the caller's bucket
+    ordered: bool = field(default=False, kw_only=True)  # one at a time, in arrival order
     _by_name: dict[str, Arg] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {arg.name: arg for arg in self.args})
 
-    def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+    def validate(self, args: Mapping[str, Any]) -> A:
         """Return the arguments with defaults filled in, or raise BadRequest naming the bad one."""
         unknown = sorted(set(args) - set(self._by_name))
         if unknown:
@@ -80,7 +103,7 @@ class OpSpec:
                 checked[arg.name] = arg.default
                 continue
             checked[arg.name] = self._check(arg, args[arg.name])
-        return checked
+        return cast(A, checked)
 
     def _check(self, arg: Arg, value: Any) -> Any:
         if value is None:
@@ -112,8 +135,18 @@ class OpSpec:
                 raise BadRequest(f"argument {arg.name!r} of {self.name} {complaint}")
         return value
 
+    def policy(self) -> str:
+        """The policy in words, e.g. ``requires jobs:create; audited; rate limited``."""
+        parts = [f"requires {' and '.join(self.permissions)}" if self.permissions
+                 else "any authenticated user"]
+        parts += [word for flag, word in ((self.audited, "audited"),
+                                          (self.rate_limited, "rate limited"),
+                                          (self.ordered, "in arrival order")) if flag]
+        return "; ".join(parts)
+
     def describe(self) -> str:
         lines = [f"{self.name}{' (stream)' if self.stream else ''}: {self.doc}"]
+        lines.append(f"    policy: {self.policy()}")
         lines += [f"    {arg.describe()}" for arg in self.args]
         if self.result:
             lines.append(f"    result: {self.result}")

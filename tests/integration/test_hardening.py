@@ -1,14 +1,26 @@
-"""Hardening against a real daemon: per-owner pins and user names."""
+"""Hardening against a real daemon: per-owner pins, user names, the TCP gate."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+import ssl
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fetchml.errors import BadRequest, NotFound
 from tests.conftest import make_daemon
-from tests.integration.test_security import stored_snapshot
+from tests.integration.test_security import start_secure_daemon, stored_snapshot
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def test_pins_are_listed_and_removed_per_owner(short_tmp: Path) -> None:
@@ -48,3 +60,74 @@ def test_user_add_refuses_local_identity_names_and_bad_uids(short_tmp: Path) -> 
         assert done.returncode == 1 and "local identity" in done.stderr, done.stderr
     finally:
         daemon.stop()
+
+
+# -- the TCP gate: deadline and caps for connections that have not said hello -----------------
+
+def _raw_tls(port: int, ca: Path) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    context = ssl.create_default_context(cafile=str(ca))
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the daemon closes ``sock`` within ``seconds`` (EOF or reset)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_silent_and_slow_connections_are_closed_at_the_deadline(short_tmp: Path) -> None:
+    daemon, ca = start_secure_daemon(short_tmp, "connect_deadline: 1.5\n")
+    try:
+        port = int(str(daemon.runtime_info["url"]).rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent, \
+                _raw_tls(port, ca) as slow:  # one never speaks TLS; one sends one header line
+            slow.sendall(b"GET /ws HTTP/1.1\r\n")
+            started = time.monotonic()
+            assert _closed_within(silent, 10) and _closed_within(slow, 10)
+            assert time.monotonic() - started < 8
+        with daemon.connect() as admin:  # a client that says hello in time is served
+            assert admin.call("host.ping")["time"] > 0
+    finally:
+        daemon.stop()
+
+
+def test_pending_connections_are_capped_per_address_and_the_socket_still_answers(
+        short_tmp: Path) -> None:
+    metrics_port = free_port()
+    daemon, _ = start_secure_daemon(
+        short_tmp, f"connect_deadline: 30\nmax_pending_per_address: 3\n"
+                   f"metrics_listen: 127.0.0.1:{metrics_port}\n")
+    try:
+        port = int(str(daemon.runtime_info["url"]).rsplit(":", 1)[1].split("/")[0])
+        with contextlib.ExitStack() as stack:
+            held = [stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                 timeout=10)) for _ in range(3)]
+            time.sleep(0.2)  # accepted, in that order
+            extra = stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                 timeout=10))
+            assert _closed_within(extra, 5)  # long before the 30 s deadline
+            for sock in held:
+                assert not _closed_within(sock, 0.05)
+            with daemon.connect() as admin:  # the Unix socket is not behind the gate
+                assert admin.call("host.info")["user"]
+            other = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10,
+                                                                 source_address=("127.0.0.2", 0)))
+            assert not _closed_within(other, 0.3)  # another address has its own cap
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as answer:
+            text = answer.read().decode()
+        assert re.search(r'fetchml_connections_refused_total\{reason="full"\} [1-9]', text), text
+    finally:
+        daemon.stop()
+
+
+def test_the_units_raise_the_open_file_limit() -> None:
+    units = Path(__file__).resolve().parents[2] / "fetchml" / "units"
+    for name in ("fetchml.service", "fetchml-user.service"):
+        assert re.search(r"^LimitNOFILE=65536$", (units / name).read_text(), re.M), name

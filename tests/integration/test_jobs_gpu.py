@@ -43,7 +43,7 @@ def test_one_gpu_jobs_get_distinct_devices_and_the_third_waits(two_gpus: Jobs,
     assert two_gpus.get(third)["state"] == "queued"
     devices = {visible_devices(two_gpus, first["id"]), visible_devices(two_gpus, second["id"])}
     assert devices == {"0", "1"}
-    assert {tuple(first["gpus"]), tuple(second["gpus"])} == {(0,), (1,)}
+    assert {tuple(first["gpu_ids"]), tuple(second["gpu_ids"])} == {(0,), (1,)}
     both = two_gpus.one(sh(f'echo "$CUDA_VISIBLE_DEVICES"; {gate.wait_script()}'), gpus=2,
                         name="both")
     status = two_gpus.daemon.cli("status", str(first["id"]), "--json")
@@ -56,12 +56,12 @@ def test_one_gpu_jobs_get_distinct_devices_and_the_third_waits(two_gpus: Jobs,
     # the 2-GPU job waited until both GPUs were free at once
     last_one_gpu = sorted((first, second, third), key=lambda j: j["finished_at"])
     assert both["started_at"] >= last_one_gpu[1]["finished_at"]
-    assert both["gpus"] == [0, 1] and visible_devices(two_gpus, both["id"]) == "0,1"
+    assert both["gpu_ids"] == [0, 1] and visible_devices(two_gpus, both["id"]) == "0,1"
 
 
 def test_cpu_jobs_get_no_gpu_and_too_many_gpus_are_refused(two_gpus: Jobs) -> None:
     job = two_gpus.wait(two_gpus.one(sh('echo "[$CUDA_VISIBLE_DEVICES]"')))[0]
-    assert job["gpus"] == [] and visible_devices(two_gpus, job["id"]) == "[]"
+    assert job["gpu_ids"] == [] and visible_devices(two_gpus, job["id"]) == "[]"
     with pytest.raises(BadRequest, match="it needs 3 GPUs and this host has 2"):
         two_gpus.one(["true"], gpus=3)
 

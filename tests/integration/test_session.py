@@ -15,7 +15,7 @@ import pytest
 
 from fetchml.client.websocket import ConnectionClosed, WebSocket
 from fetchml.errors import BadRequest, DaemonStopped, Unavailable
-from fetchml.protocol import encode
+from fetchml.protocol import PROTOCOL_VERSION, encode
 from tests.conftest import DaemonProcess, make_daemon
 
 
@@ -54,7 +54,7 @@ def still_serving(daemon: DaemonProcess) -> None:
 def test_hello_reports_protocol_user_and_host(daemon: DaemonProcess) -> None:
     with daemon.connect() as conn:
         hello = conn.hello
-    assert hello["protocol"] == 1
+    assert hello["protocol"] == PROTOCOL_VERSION
     assert hello["daemon"].startswith("fetchml/")
     assert hello["role"] == "admin"
     assert hello["host"]["cpus"] >= 1 and hello["host"]["gpus"] == []
@@ -64,7 +64,7 @@ def test_newer_client_protocol_is_answered_with_ours(daemon: DaemonProcess) -> N
     ws = raw_ws(daemon)
     ws.send_binary(encode({"id": 7, "op": "hello", "args": {"protocol": 99, "client": "x"}}))
     reply = msgpack.unpackb(ws.receive().data)
-    assert reply["id"] == 7 and reply["result"]["protocol"] == 1
+    assert reply["id"] == 7 and reply["result"]["protocol"] == PROTOCOL_VERSION
     ws.close()
 
 

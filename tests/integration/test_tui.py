@@ -203,7 +203,7 @@ async def test_requeue_with_the_same_options_and_pull_outputs(daemon: DaemonProc
             await pilot.press("r")
             await until(pilot, lambda: len(app.board.jobs) == 2, "the re-queued job appears")
         again = conn.call("jobs.get", {"job": str(max(app.board.jobs))})
-        for key in ("argv", "snapshot", "priority", "gpus_requested", "env", "labels", "cpus"):
+        for key in ("argv", "snapshot", "priority", "gpus", "retries", "env", "labels", "cpus"):
             assert again[key] == job[key], key
         app.feeds.stop()
 

@@ -35,6 +35,7 @@ from fetchml.daemon.observe.series import (
     write_series_file,
 )
 from fetchml.daemon.observe.training import SERIES_FILE, MetricsTracker
+from fetchml.protocol.job import read_job
 
 
 def line(**values: object) -> bytes:
@@ -216,7 +217,7 @@ def test_braille_plot_draws_a_falling_line_inside_its_box() -> None:
 
 def job(job_id: int, state: str, owner: str = "alice", **more: object) -> dict[str, object]:
     return {"id": job_id, "state": state, "owner": owner, "name": f"job{job_id}",
-            "priority": 5, "gpus": [], **more}
+            "priority": 5, "gpu_ids": [], **more}
 
 
 def test_job_board_filters_sorts_and_forgets_old_finished_jobs() -> None:
@@ -241,15 +242,16 @@ def test_job_board_filters_sorts_and_forgets_old_finished_jobs() -> None:
 def test_gpu_rows_say_who_holds_each_gpu_and_requeue_keeps_the_options() -> None:
     host = {"gpus": [{"index": 0, "name": "H200", "memory": 150 * 2**30},
                      {"index": 1, "name": "H200", "memory": 0}, {"index": 2, "name": "H200"}]}
-    rows = gpu_rows(host, [2], [job(9, "running", gpus=[0]), job(8, "succeeded", gpus=[1])])
+    rows = gpu_rows(host, [2], [job(9, "running", gpu_ids=[0]), job(8, "succeeded", gpu_ids=[1])])
     assert [r.holder for r in rows] == ["job 9 (alice)", "in use", "free"]
     assert rows[0].memory == "150.0 GiB" and rows[1].memory == "-"
     original = {"argv": ["python", "train.py"], "name": "t", "env": {"A": "1"}, "workdir": "src",
                 "priority": 8, "cpus": 2, "memory": 2**30, "gpus_requested": 1, "timeout": 60.0,
                 "max_attempts": 3, "labels": {"k": "v"}, "datasets": ["d@1"],
                 "isolation": "bwrap", "after": [4]}
-    spec = requeue_spec(original)
+    spec = requeue_spec(original)  # protocol 1's spelling, as an older daemon sends it
     assert spec["retries"] == 2 and spec["gpus"] == 1 and spec["datasets"] == ["d@1"]
+    assert requeue_spec(read_job(original)) == spec  # and protocol 2's
     assert "after" not in spec and spec["isolation"] == "bwrap" and spec["workdir"] == "src"
 
 

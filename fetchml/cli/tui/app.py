@@ -42,6 +42,7 @@ from fetchml.cli.tui.plot import WatchedMetrics
 from fetchml.cli.tui.widgets import ConfirmScreen, LogPane, MetricsPlot, PromptScreen
 from fetchml.client import Connection
 from fetchml.errors import FetchmlError
+from fetchml.protocol import ops
 
 NARROW_BELOW = 70  # columns under which the side pane goes and the plot moves under the log
 TABLE_DEBOUNCE_S = 0.05  # a burst of job changes redraws the table once
@@ -315,7 +316,7 @@ class Dashboard(App[None]):
                                        f"will {stop}."), answered)
 
     def _cancel(self, job_id: int) -> str:
-        [job] = self.feeds.call("jobs.cancel", {"jobs": [str(job_id)]})["jobs"]
+        [job] = self.feeds.call(ops.JOBS_CANCEL.name, {"jobs": [str(job_id)]})["jobs"]
         return f"job {job_id} {'stopping' if job['state'] == 'running' else job['state']}"
 
     def action_requeue(self) -> None:
@@ -324,8 +325,8 @@ class Dashboard(App[None]):
             self._in_background(lambda: self._requeue(job))
 
     def _requeue(self, job: dict[str, Any]) -> str:
-        reply = self.feeds.call("jobs.submit", {"snapshot": job["snapshot"],
-                                                "jobs": [requeue_spec(job)]})
+        reply = self.feeds.call(ops.JOBS_SUBMIT.name, {"snapshot": job["snapshot"],
+                                                       "jobs": [requeue_spec(job)]})
         return f"queued job {reply['jobs'][0]['id']} like job {job['id']}"
 
     def action_pull(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from fetchml.client import Connection, Pending
 from fetchml.errors import FetchmlError, PermissionDenied, Unavailable
+from fetchml.protocol import ops, ops_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,9 @@ class DaemonFeeds:
         """Read the job list, then follow job changes until the connection ends."""
         if not self._emit(Connected(conn.hello)):
             return
-        events = conn.stream("jobs.events", {})  # before the list: no change slips between
-        self._emit(HostStatus(conn.call("host.info")))
-        monitor = conn.stream("host.monitor", {"interval": MONITOR_INTERVAL_S})
+        events = conn.stream(ops.JOBS_EVENTS.name, {})  # before the list: no change slips between
+        self._emit(HostStatus(conn.call(ops.HOST_INFO.name)))
+        monitor = conn.stream(ops.HOST_MONITOR.name, {"interval": MONITOR_INTERVAL_S})
         threading.Thread(target=self._read_monitor, args=(monitor,), name="tui-monitor",
                          daemon=True).start()
         self.refresh(conn)
@@ -161,10 +162,10 @@ class DaemonFeeds:
             return
         all_users = self.all_users
         try:
-            jobs = conn.call("jobs.list", {"all_users": all_users, "limit": LIST_LIMIT})
+            jobs = conn.call(ops.JOBS_LIST.name, {"all_users": all_users, "limit": LIST_LIMIT})
         except PermissionDenied:
             all_users = self.all_users = False
-            jobs = conn.call("jobs.list", {"limit": LIST_LIMIT})
+            jobs = conn.call(ops.JOBS_LIST.name, {"limit": LIST_LIMIT})
         self._emit(JobsListed(jobs["jobs"], all_users))
 
     def _read_monitor(self, monitor: Pending) -> None:
@@ -199,13 +200,14 @@ class DaemonFeeds:
             old, self._watch_streams = self._watch_streams, []
         for stream in old:
             with contextlib.suppress(FetchmlError):  # else its connection is gone, streams too
-                stream.conn.send("stream.cancel", {"target": stream.id})
+                stream.conn.send(ops.STREAM_CANCEL.name, {"target": stream.id})
         if job_id is None or conn is None:
             return
         try:
-            logs = conn.stream("jobs.logs", {"job": str(job_id), "follow": True})
-            metrics = conn.stream("jobs.metrics", {"jobs": [str(job_id)], "follow": True,
-                                                   "max_points": METRICS_POINTS})
+            logs = conn.stream(ops.JOBS_LOGS.name, {"job": str(job_id), "follow": True})
+            metrics = conn.stream(ops_metrics.JOBS_METRICS.name,
+                                  {"jobs": [str(job_id)], "follow": True,
+                                   "max_points": METRICS_POINTS})
         except FetchmlError as exc:
             self._emit(Disconnected(exc.message))
             return

@@ -3,12 +3,13 @@ the host's GPUs and who holds them, and the spec that re-queues a job as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fetchml.cli.context import human_bytes
-from fetchml.cli.jobs_view import elapsed, outcome
+from fetchml.cli.jobs_view import elapsed, gpus_cell, outcome
+from fetchml.protocol.job import JobSubmission, WireJob, read_job
 
 ACTIVE = frozenset({"held", "queued", "running"})
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "lost"})
@@ -48,12 +49,12 @@ class JobBoard:
     sort_key: str = "id"
     descending: bool = True
 
-    def replace(self, jobs: Iterable[dict[str, Any]]) -> None:
-        self.jobs = {job["id"]: job for job in jobs}
+    def replace(self, jobs: Iterable[Mapping[str, Any]]) -> None:
+        self.jobs = {job["id"]: dict(read_job(job)) for job in jobs}
         self._trim()
 
-    def update(self, job: dict[str, Any]) -> None:
-        self.jobs[job["id"]] = job
+    def update(self, job: Mapping[str, Any]) -> None:
+        self.jobs[job["id"]] = dict(read_job(job))
         self._trim()
 
     def _trim(self) -> None:
@@ -105,9 +106,10 @@ class GpuRow:
 
 
 def gpu_rows(host: dict[str, Any], free: Iterable[int] | None,
-             jobs: Iterable[dict[str, Any]]) -> list[GpuRow]:
+             jobs: Iterable[Mapping[str, Any]]) -> list[GpuRow]:
     """Each GPU of the host and what holds it."""
-    holders = {gpu: job for job in jobs if job["state"] == "running" for gpu in job["gpus"]}
+    holders = {gpu: job for job in map(read_job, jobs) if job["state"] == "running"
+               for gpu in job["gpu_ids"]}
     free_set = None if free is None else set(free)
     rows = []
     for gpu in host.get("gpus", []):
@@ -124,14 +126,15 @@ def gpu_rows(host: dict[str, Any], free: Iterable[int] | None,
     return rows
 
 
-def requeue_spec(job: dict[str, Any]) -> dict[str, Any]:
+def requeue_spec(raw: Mapping[str, Any]) -> JobSubmission:
     """The ``jobs.submit`` spec that queues ``job`` again with the same options (its
     dependencies aside: those already ran)."""
-    spec: dict[str, Any] = {
+    job: WireJob = read_job(raw)
+    spec: JobSubmission = {
         "argv": list(job["argv"]), "name": job["name"], "env": dict(job.get("env") or {}),
         "workdir": job.get("workdir") or "", "priority": job["priority"], "cpus": job["cpus"],
-        "memory": job["memory"], "gpus": job["gpus_requested"], "timeout": job.get("timeout"),
-        "retries": max(0, job["max_attempts"] - 1), "labels": dict(job.get("labels") or {}),
+        "memory": job["memory"], "gpus": job["gpus"], "timeout": job.get("timeout"),
+        "retries": job["retries"], "labels": dict(job.get("labels") or {}),
     }
     if job.get("datasets"):
         spec["datasets"] = list(job["datasets"])
@@ -140,19 +143,20 @@ def requeue_spec(job: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def detail_rows(job: dict[str, Any], last: dict[str, tuple[float, float]]) -> list[str]:
+def detail_rows(raw: Mapping[str, Any], last: dict[str, tuple[float, float]]) -> list[str]:
     """The selected job in a narrow pane: what it is, how it runs, and its last metrics."""
+    job = read_job(raw)
     state = job["state"] + (f" ({job['reason']})" if job.get("reason") else "")
     rows = [
         f"job {job['id']}  {job['name']}",
         f"state   {state}",
         f"owner   {job['owner']}   priority {job['priority']}",
         f"run     {' '.join(job['argv'])}",
-        f"needs   {job['cpus']} CPU, {job['gpus_requested']} GPU"
+        f"needs   {job['cpus']} CPU, {job['gpus']} GPU"
         + (f", {human_bytes(job['memory'])}" if job.get("memory") else ""),
-        f"try     {job['attempt']} of {job['max_attempts']}"
+        f"try     {job['attempt']} of {job['retries'] + 1}"
         + (f" on {job['host']}" if job.get("host") else ""),
-        f"gpus    {','.join(str(g) for g in job['gpus']) or '-'}",
+        f"gpus    {','.join(str(g) for g in job['gpu_ids']) or '-'}",
         f"time    {elapsed(job)}",
         f"result  {outcome(job)}",
         f"memory  {human_bytes(job.get('peak_rss'))} peak",
@@ -167,8 +171,7 @@ COLUMNS = ("id", "state", "name", "time", "owner", "gpus", "pri", "result")
 NAME_WIDTH = 24  # characters of a job's name in the table
 
 
-def table_cells(job: dict[str, Any]) -> list[str]:
-    gpus = ",".join(str(g) for g in job["gpus"]) or (
-        f"({job['gpus_requested']})" if job.get("gpus_requested") else "-")
+def table_cells(job: Mapping[str, Any]) -> list[str]:
+    gpus = gpus_cell(job)
     return [str(job["id"]), job["state"], str(job["name"])[:NAME_WIDTH], elapsed(job),
             job["owner"], gpus, str(job["priority"]), outcome(job)]

@@ -22,6 +22,7 @@ from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
 from fetchml.daemon.jobs.gc import GarbageCollector
 from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, FetchmlError, IntegrityError, NotFound, Unavailable
+from fetchml.protocol import ops
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class SnapshotFetcher:
         return report
 
     async def _manifest(self, conn: PeerConnection, snapshot: str) -> bytes:
-        reply = await conn.call("snapshot.get", {"snapshot": snapshot})
+        reply = await conn.call(ops.SNAPSHOT_GET.name, {"snapshot": snapshot})
         data = reply.get("manifest") if isinstance(reply, dict) else None
         if not isinstance(data, bytes) or hash_bytes(data) != snapshot:
             raise IntegrityError(f"host {conn.name} sent a manifest that is not snapshot "
@@ -174,7 +175,7 @@ class SnapshotFetcher:
         """One object into a pending upload, or None when the peer cannot provide it."""
         pending = await asyncio.to_thread(self.objects.begin, oid, size)
         try:
-            async with conn.stream("cas.get", {"oid": oid}) as stream:
+            async with conn.stream(ops.CAS_GET.name, {"oid": oid}) as stream:
                 async for event, data in stream:
                     if event != "chunk" or not isinstance(data, bytes):
                         raise IntegrityError(f"host {conn.name} sent {event!r} instead of "

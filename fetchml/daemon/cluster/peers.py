@@ -21,7 +21,7 @@ import aiohttp
 from fetchml import __version__
 from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import FetchmlError, Unavailable, error_from_wire
-from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode
+from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode, ops
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class PeerConnection:
         conn = cls(name, url, ws, http)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await conn.call("hello", {"protocol": PROTOCOL_VERSION,
-                                          "client": f"fetchml/{__version__} (peer)"})
+                await conn.call(ops.HELLO.name, {"protocol": PROTOCOL_VERSION,
+                                                 "client": f"fetchml/{__version__} (peer)"})
         except BaseException:
             await conn.close()
             raise
@@ -147,7 +147,7 @@ class PeerConnection:
         finally:
             if not stream.done and not self.closed:
                 with contextlib.suppress(FetchmlError):
-                    await self.call("stream.cancel", {"target": request_id})
+                    await self.call(ops.STREAM_CANCEL.name, {"target": request_id})
             self._waiting.pop(request_id, None)
 
     async def close(self) -> None:

@@ -1,33 +1,33 @@
-"""Op handlers, one module per group of ops, registered by name.
+"""Op handlers, one module per group of ops, registered against the op's declaration.
 
-A handler is ``async def handler(call: Call) -> result``. Stream handlers emit events with
+A handler is ``async def handler(call: Call[Args]) -> result``, registered with
+``@handles(ops.SOME_OP)``; ``call.args`` is the op's arguments, checked, typed as the op
+declares them. The session enforces the op's declared policy (permissions, audit, rate limit,
+ordering) around every handler; a handler checks only what depends on the arguments or the
+data (e.g. ``jobs:read:all`` for other users' jobs). Stream handlers emit events with
 ``await call.emit(event, data)`` before returning their final result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fetchml.errors import PermissionDenied
-from fetchml.protocol.ops import CATALOGUE
+from fetchml.protocol.ops import CATALOGUE, CONNECTION_OPS
+from fetchml.protocol.schema import OpSpec
 
 if TYPE_CHECKING:
     from fetchml.daemon.core import DaemonCore
     from fetchml.daemon.security.auth import Identity
     from fetchml.daemon.session import Session
 
-Handler = Callable[["Call"], Awaitable[Any]]
-HANDLERS: dict[str, Handler] = {}
-
-# Ops a session runs one at a time in arrival order (an upload's chunks must be appended in
-# order); everything else runs concurrently.
-ORDERED_OPS = frozenset({"cas.put"})
+A = TypeVar("A", bound=Mapping[str, Any])
 
 
 @dataclass
-class Call:
+class Call(Generic[A]):
     """One request being handled: who asked, with what, on which connection."""
 
     core: DaemonCore
@@ -35,7 +35,7 @@ class Call:
     identity: Identity
     request_id: int
     op: str
-    args: dict[str, Any]
+    args: A
     events_sent: int = field(default=0)
 
     async def emit(self, event: str, data: Any) -> None:
@@ -50,19 +50,23 @@ class Call:
             )
 
 
-def handles(op: str) -> Callable[[Handler], Handler]:
-    """Register ``fn`` as the handler of ``op`` (which must be in the protocol catalogue)."""
-    if op not in CATALOGUE:
-        raise ValueError(f"{op} is not in the protocol catalogue")
+Handler = Callable[[Call[A]], Awaitable[Any]]
+HANDLERS: dict[str, Handler[Any]] = {}
 
-    def register(fn: Handler) -> Handler:
-        HANDLERS[op] = fn
+
+def handles(spec: OpSpec[A]) -> Callable[[Handler[A]], Handler[A]]:
+    """Register ``fn`` as the handler of the op ``spec`` declares (one of the catalogue's)."""
+    if CATALOGUE.get(spec.name) is not spec or spec.name in CONNECTION_OPS:
+        raise ValueError(f"{spec.name} is not an op of the protocol catalogue with a handler")
+
+    def register(fn: Handler[A]) -> Handler[A]:
+        HANDLERS[spec.name] = fn
         return fn
 
     return register
 
 
-def load_all() -> dict[str, Handler]:
+def load_all() -> dict[str, Handler[Any]]:
     """Import every handler module so that each registers its ops."""
     from fetchml.daemon.handlers import (  # noqa: F401
         admin,

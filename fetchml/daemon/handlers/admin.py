@@ -7,11 +7,11 @@ from typing import Any
 
 from fetchml.cas.fsck import fsck
 from fetchml.daemon.handlers import Call, handles
+from fetchml.protocol import ops
 
 
-@handles("admin.fsck")
-async def admin_fsck(call: Call) -> dict[str, Any]:
-    call.require("admin:fsck")
+@handles(ops.ADMIN_FSCK)
+async def admin_fsck(call: Call[ops.AdminFsckArgs]) -> dict[str, Any]:
     core = call.core
     problems = await asyncio.to_thread(fsck, core.objects, core.snapshots,
                                        read_data=bool(call.args["read_data"]))

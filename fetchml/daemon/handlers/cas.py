@@ -14,7 +14,7 @@ from fetchml.cas.manifest import ManifestSummary, SnapshotManifest, summarize_va
 from fetchml.cas.objects import ObjectStore, PendingObject
 from fetchml.daemon.handlers import Call, handles
 from fetchml.errors import BadRequest, IntegrityError, NotFound, TooLarge
-from fetchml.protocol import CHUNK_BYTES
+from fetchml.protocol import CHUNK_BYTES, ops
 
 UPLOADS_KEY = "cas.uploads"
 # Session state: the manifest this connection last sent and was refused for missing objects.
@@ -84,7 +84,7 @@ def _store_blobs(store: ObjectStore, uploads: dict[str, PendingObject],
     return stored
 
 
-def _uploads(call: Call) -> dict[str, PendingObject]:
+def _uploads(call: Call[Any]) -> dict[str, PendingObject]:
     uploads: dict[str, PendingObject] | None = call.session.state.get(UPLOADS_KEY)
     if uploads is None:
         uploads = call.session.state[UPLOADS_KEY] = {}
@@ -98,9 +98,8 @@ def _uploads(call: Call) -> dict[str, PendingObject]:
     return uploads
 
 
-@handles("cas.missing")
-async def cas_missing(call: Call) -> dict[str, Any]:
-    call.require("cas:write")
+@handles(ops.CAS_MISSING)
+async def cas_missing(call: Call[ops.CasMissingArgs]) -> dict[str, Any]:
     oids: list[str] = call.args["oids"]  # ObjectStore.missing refuses malformed ids
     # Under the collector's lock: what is reported present is protected before a collection
     # can delete it, since the client will not upload it.
@@ -111,9 +110,8 @@ async def cas_missing(call: Call) -> dict[str, Any]:
     return {"missing": missing}
 
 
-@handles("cas.put")
-async def cas_put(call: Call) -> dict[str, Any]:
-    call.require("cas:write")
+@handles(ops.CAS_PUT)
+async def cas_put(call: Call[ops.CasPutArgs]) -> dict[str, Any]:
     blobs: list[dict[str, Any]] = call.args["blobs"]
     total = sum(len(b.get("data", b"")) for b in blobs if isinstance(b.get("data"), bytes))
     if total > CHUNK_BYTES:
@@ -126,9 +124,8 @@ async def cas_put(call: Call) -> dict[str, Any]:
     return {"stored": stored}
 
 
-@handles("cas.get")
-async def cas_get(call: Call) -> dict[str, Any]:
-    call.require("cas:read")
+@handles(ops.CAS_GET)
+async def cas_get(call: Call[ops.CasGetArgs]) -> dict[str, Any]:
     oid: str = call.args["oid"]
     _check_oids([oid])
     store = call.core.objects
@@ -151,7 +148,7 @@ class _PutOutcome:
     missing: list[str]
 
 
-def _summary(call: Call, data: bytes, snapshot: str) -> tuple[ManifestSummary, bool]:
+def _summary(call: Call[Any], data: bytes, snapshot: str) -> tuple[ManifestSummary, bool]:
     """(summary of the manifest, whether it is stored already), validating it at most once."""
     if call.core.snapshots.contains(snapshot):
         # The same digest means the same bytes, and those were validated when first stored.
@@ -169,7 +166,7 @@ def _summary(call: Call, data: bytes, snapshot: str) -> tuple[ManifestSummary, b
     return summary, False
 
 
-def _to_check(call: Call, snapshot: str, oids: tuple[str, ...]) -> Sequence[str]:
+def _to_check(call: Call[Any], snapshot: str, oids: tuple[str, ...]) -> Sequence[str]:
     """The objects whose presence must be checked. A delta's base is a stored manifest, and
     while the sweep gate is held a stored manifest's objects are all present (a collection
     deletes manifests before their objects), so only the objects the base lacks are."""
@@ -180,7 +177,7 @@ def _to_check(call: Call, snapshot: str, oids: tuple[str, ...]) -> Sequence[str]
     return [oid for oid in oids if oid not in known]
 
 
-def _put_snapshot(call: Call, data: bytes) -> _PutOutcome:
+def _put_snapshot(call: Call[Any], data: bytes) -> _PutOutcome:
     snapshot = hash_bytes(data)
     summary, stored = _summary(call, data, snapshot)
     objects = call.core.objects
@@ -196,7 +193,7 @@ def _put_snapshot(call: Call, data: bytes) -> _PutOutcome:
     return _PutOutcome(snapshot, summary, [])
 
 
-def _apply_delta(call: Call) -> bytes:
+def _apply_delta(call: Call[Any]) -> bytes:
     """The encoded manifest the base snapshot plus the changes give (validated changes)."""
     args = call.args
     base_id = args["base"]
@@ -223,7 +220,7 @@ def _apply_delta(call: Call) -> bytes:
     return data
 
 
-def _manifest_bytes(call: Call) -> bytes:
+def _manifest_bytes(call: Call[ops.SnapshotPutArgs]) -> bytes:
     if call.args["manifest"] is not None:
         if call.args["base"] is not None:
             raise BadRequest("send either a whole manifest or a base and changes, not both")
@@ -233,16 +230,15 @@ def _manifest_bytes(call: Call) -> bytes:
     return _apply_delta(call)
 
 
-def _remember(call: Call, snapshot: str) -> None:
+def _remember(call: Call[Any], snapshot: str) -> None:
     """Keep the manifest just stored, as the likely base of this connection's next delta."""
     pending = call.session.state.pop(PENDING_MANIFEST_KEY, None)
     if pending is not None and pending[0] == snapshot:
         call.session.state[LAST_MANIFEST_KEY] = pending
 
 
-@handles("snapshot.put")
-async def snapshot_put(call: Call) -> dict[str, Any]:
-    call.require("cas:write")
+@handles(ops.SNAPSHOT_PUT)
+async def snapshot_put(call: Call[ops.SnapshotPutArgs]) -> dict[str, Any]:
     async with call.core.gc_guard():
         data = await asyncio.to_thread(_manifest_bytes, call)
         outcome = await asyncio.to_thread(_put_snapshot, call, data)
@@ -265,9 +261,8 @@ async def snapshot_put(call: Call) -> dict[str, Any]:
     return {"snapshot": outcome.snapshot, "files": summary.files, "bytes": summary.bytes}
 
 
-@handles("snapshot.get")
-async def snapshot_get(call: Call) -> dict[str, Any]:
-    call.require("cas:read")
+@handles(ops.SNAPSHOT_GET)
+async def snapshot_get(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
     snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
     call.core.gc.protect_snapshot(snapshot)  # the client may be about to use it
     data = await asyncio.to_thread(call.core.snapshots.read_bytes, snapshot)  # verified

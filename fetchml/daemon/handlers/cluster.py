@@ -9,11 +9,12 @@ from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
 from fetchml.daemon.jobs.model import TERMINAL_STATES
 from fetchml.errors import Conflict, NotFound, Unavailable
+from fetchml.protocol import ops_cluster
+from fetchml.protocol.schema import NoArgs
 
 
-@handles("cluster.hosts")
-async def cluster_hosts(call: Call) -> dict[str, Any]:
-    call.require("host:read")
+@handles(ops_cluster.CLUSTER_HOSTS)
+async def cluster_hosts(call: Call[NoArgs]) -> dict[str, Any]:
     core = call.core
     cluster = core.cluster
     if cluster is None:  # a daemon on its own store is a cluster of one
@@ -31,10 +32,8 @@ async def cluster_hosts(call: Call) -> dict[str, Any]:
     return {"hosts": cluster.describe_hosts(), "self": cluster.name}
 
 
-@handles("cluster.outputs")
-async def cluster_outputs(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
-    call.require("cas:read")
+@handles(ops_cluster.CLUSTER_OUTPUTS)
+async def cluster_outputs(call: Call[ops_cluster.ClusterOutputsArgs]) -> dict[str, Any]:
     job = await visible_job(call, call.args["job"])
     if job.state not in TERMINAL_STATES:
         raise Conflict(f"job {job.id} is {job.state.value}; its outputs arrive when it ends "

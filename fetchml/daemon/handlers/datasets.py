@@ -16,12 +16,14 @@ from fetchml.daemon.datasets.registry import REMOVED, DatasetVersion, owner_of
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import may_see
 from fetchml.errors import Conflict, NotFound, PermissionDenied
+from fetchml.protocol import ops_datasets
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
+from fetchml.protocol.schema import NoArgs
 
 JOBS_NAMED = 5  # job ids a refused removal names: enough to act on, short enough to read
 
 
-async def _present(call: Call, name: str) -> list[DatasetVersion]:
+async def _present(call: Call[Any], name: str) -> list[DatasetVersion]:
     versions = await call.core.datasets.registry.versions(name)
     present = [v for v in versions if v.state != REMOVED]
     if not present:
@@ -29,9 +31,8 @@ async def _present(call: Call, name: str) -> list[DatasetVersion]:
     return present
 
 
-@handles("datasets.push")
-async def datasets_push(call: Call) -> dict[str, Any]:
-    call.require("datasets:write")
+@handles(ops_datasets.DATASETS_PUSH)
+async def datasets_push(call: Call[ops_datasets.DatasetsPushArgs]) -> dict[str, Any]:
     core, svc = call.core, call.core.datasets
     name = call.args["name"]
     async with core.gc_guard():  # a collection keeps the snapshot from here on
@@ -46,9 +47,8 @@ async def datasets_push(call: Call) -> dict[str, Any]:
     return {**version.to_wire(), "created": created}
 
 
-@handles("datasets.list")
-async def datasets_list(call: Call) -> dict[str, Any]:
-    call.require("datasets:read")
+@handles(ops_datasets.DATASETS_LIST)
+async def datasets_list(call: Call[NoArgs]) -> dict[str, Any]:
     by_name: dict[str, list[DatasetVersion]] = {}
     for version in await call.core.datasets.registry.all_versions():
         if version.state != REMOVED:
@@ -59,7 +59,8 @@ async def datasets_list(call: Call) -> dict[str, Any]:
         for name, versions in sorted(by_name.items())]}
 
 
-async def _named(call: Call) -> tuple[DatasetRef, str | None, list[DatasetVersion]]:
+async def _named(call: Call[ops_datasets.DatasetArgs]
+                 ) -> tuple[DatasetRef, str | None, list[DatasetVersion]]:
     """The dataset the ``name`` argument names: (its ref, its owner, the versions it selects:
     the one named, or all of them when it names none)."""
     ref = parse_ref(call.args["name"], allow_mount=False)
@@ -74,9 +75,8 @@ async def _named(call: Call) -> tuple[DatasetRef, str | None, list[DatasetVersio
     return ref, owner, chosen
 
 
-@handles("datasets.info")
-async def datasets_info(call: Call) -> dict[str, Any]:
-    call.require("datasets:read")
+@handles(ops_datasets.DATASETS_INFO)
+async def datasets_info(call: Call[ops_datasets.DatasetArgs]) -> dict[str, Any]:
     ref, owner, versions = await _named(call)
     cache = call.core.datasets.cache
     cached = [await asyncio.to_thread(cache.is_cached, v.snapshot) for v in versions]
@@ -85,7 +85,7 @@ async def datasets_info(call: Call) -> dict[str, Any]:
                          for v, c in zip(versions, cached, strict=True)]}
 
 
-def _refusal(call: Call, versions: Sequence[DatasetVersion], users: Sequence[Any]) -> Conflict:
+def _refusal(call: Call[Any], versions: Sequence[DatasetVersion], users: Sequence[Any]) -> Conflict:
     """Names the caller's own jobs only: other users' job ids are not theirs to learn."""
     visible = [str(job.id) for job in users if may_see(call, job)]
     what = versions[0].ref if len(versions) == 1 else f"dataset {versions[0].name}"
@@ -95,9 +95,8 @@ def _refusal(call: Call, versions: Sequence[DatasetVersion], users: Sequence[Any
                     details={"jobs": visible, "count": len(users)})
 
 
-@handles("datasets.rm")
-async def datasets_rm(call: Call) -> dict[str, Any]:
-    call.require("datasets:write")
+@handles(ops_datasets.DATASETS_RM)
+async def datasets_rm(call: Call[ops_datasets.DatasetArgs]) -> dict[str, Any]:
     ref, owner, versions = await _named(call)
     user = call.identity.user
     if user != owner and not call.identity.allows("datasets:delete:all"):

@@ -7,22 +7,22 @@ import time
 from typing import Any
 
 from fetchml.daemon.handlers import Call, handles
+from fetchml.protocol import ops
+from fetchml.protocol.schema import NoArgs
 
 
-@handles("host.info")
-async def host_info(call: Call) -> dict[str, Any]:
-    call.require("host:read")
+@handles(ops.HOST_INFO)
+async def host_info(call: Call[NoArgs]) -> dict[str, Any]:
     return {**call.session.hello_result(), **(await call.core.host_status())}
 
 
-@handles("host.ping")
-async def host_ping(call: Call) -> dict[str, Any]:
+@handles(ops.HOST_PING)
+async def host_ping(call: Call[NoArgs]) -> dict[str, Any]:
     return {"time": time.time()}
 
 
-@handles("host.monitor")
-async def host_monitor(call: Call) -> dict[str, Any]:
-    call.require("host:read")
+@handles(ops.HOST_MONITOR)
+async def host_monitor(call: Call[ops.HostMonitorArgs]) -> dict[str, Any]:
     interval = float(call.args["interval"])
     while True:
         await call.emit("host", {"time": time.time(), **(await call.core.host_status())})

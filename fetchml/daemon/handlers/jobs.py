@@ -23,35 +23,42 @@ from fetchml.daemon.jobs.model import (
     Resources,
 )
 from fetchml.errors import BadRequest, Conflict, NotFound, Unavailable
+from fetchml.protocol import ops
+from fetchml.protocol.job import LAST_V1_PROTOCOL, SUBMIT_FIELDS, WireJob, job_v1
 
-JOB_KEYS = frozenset({"argv", "name", "env", "workdir", "priority", "cpus", "memory", "gpus",
-                      "timeout", "retries", "after", "labels", "datasets", "isolation"})
+JOB_KEYS = frozenset(SUBMIT_FIELDS)
 MAX_JOBS_PER_SUBMIT = 10_000
 ACTIVE_PAGE = 500  # active jobs read per query when listing one user's
 
 
-def job_to_wire(job: Job) -> dict[str, Any]:
+def job_to_wire(job: Job) -> WireJob:
     """A job as the protocol carries it (times as epoch seconds)."""
     return {
         "id": job.id, "name": job.name, "owner": job.owner, "state": job.state.value,
         "priority": job.priority, "snapshot": job.snapshot, "argv": list(job.argv),
         "env": dict(job.env), "workdir": job.workdir, "cpus": job.resources.cpus,
-        "memory": job.resources.memory, "gpus_requested": job.resources.gpus,
-        "timeout": job.timeout, "max_attempts": job.max_attempts, "after": list(job.after),
+        "memory": job.resources.memory, "gpus": job.resources.gpus,
+        "timeout": job.timeout, "retries": job.max_attempts - 1, "after": list(job.after),
         "labels": dict(job.labels), "datasets": list(job.datasets),
         "isolation": job.isolation, "attempt": job.attempt, "reason": job.reason,
         "created_at": job.created_at, "queued_at": job.queued_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
-        "gpus": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
+        "gpu_ids": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
         "peak_rss": job.peak_rss, "cpu_time": job.cpu_time, "outputs": job.outputs,
     }
 
 
-def may_see(call: Call, job: Job) -> bool:
+def job_for(call: Call[Any], job: Job) -> WireJob | dict[str, Any]:
+    """``job`` as the caller's session spells it: protocol 1 sessions get ``job_v1``'s form."""
+    wire = job_to_wire(job)
+    return job_v1(wire) if call.session.protocol <= LAST_V1_PROTOCOL else wire
+
+
+def may_see(call: Call[Any], job: Job) -> bool:
     return job.owner == call.identity.user or call.identity.allows("jobs:read:all")
 
 
-async def visible_job(call: Call, text: str) -> Job:
+async def visible_job(call: Call[Any], text: str) -> Job:
     """The job named by ``text`` if the caller may see it; the same NotFound otherwise."""
     missing = NotFound(f"no job {text} that you can see; `fetchml status` lists your jobs")
     try:
@@ -63,7 +70,7 @@ async def visible_job(call: Call, text: str) -> Job:
     return job
 
 
-async def visible_jobs(call: Call, texts: Sequence[str]) -> list[Job]:
+async def visible_jobs(call: Call[Any], texts: Sequence[str]) -> list[Job]:
     """``visible_job`` for many references at once: plain ids are read in one query."""
     ids = [int(t) for t in (text.strip() for text in texts) if t.isdigit() and len(t) <= 18]
     if len(ids) < len(texts) or len(ids) <= 8:
@@ -87,7 +94,7 @@ def _number(value: Any, name: str, kind: type, default: Any) -> Any:
     return value
 
 
-async def _datasets(call: Call, raw: Any, resolved: dict[tuple[str, ...], tuple[str, ...]]
+async def _datasets(call: Call[Any], raw: Any, resolved: dict[tuple[str, ...], tuple[str, ...]]
                     ) -> tuple[str, ...]:
     """The job's datasets as stored, ``NAME@V[:MOUNT]``; a sweep resolves them once."""
     if not raw:
@@ -101,7 +108,7 @@ async def _datasets(call: Call, raw: Any, resolved: dict[tuple[str, ...], tuple[
     return resolved[key]
 
 
-async def _spec(call: Call, raw: dict[str, Any], snapshot: str,
+async def _spec(call: Call[Any], raw: dict[str, Any], snapshot: str,
                 resolved: dict[tuple[str, ...], tuple[str, ...]]) -> JobSpec:
     unknown = sorted(set(raw) - JOB_KEYS)
     if unknown:
@@ -136,7 +143,7 @@ async def _spec(call: Call, raw: dict[str, Any], snapshot: str,
     )
 
 
-async def _supersede(call: Call, labels: dict[str, str]) -> None:
+async def _supersede(call: Call[Any], labels: dict[str, str]) -> None:
     """Cancel the caller's queued or held jobs carrying all these labels."""
     core = call.core
     for job in await core.jobs.list(states={JobState.QUEUED, JobState.HELD},
@@ -145,9 +152,8 @@ async def _supersede(call: Call, labels: dict[str, str]) -> None:
             core.publish(await core.jobs.cancel(job.id, reason="superseded", now=time.time()))
 
 
-@handles("jobs.submit")
-async def jobs_submit(call: Call) -> dict[str, Any]:
-    call.require("jobs:create")
+@handles(ops.JOBS_SUBMIT)
+async def jobs_submit(call: Call[ops.JobsSubmitArgs]) -> dict[str, Any]:
     core = call.core
     raw_jobs: list[dict[str, Any]] = call.args["jobs"]
     if not raw_jobs or len(raw_jobs) > MAX_JOBS_PER_SUBMIT:
@@ -170,10 +176,10 @@ async def jobs_submit(call: Call) -> dict[str, Any]:
     for job in jobs:
         core.publish(job)
     core.scheduler.wake()
-    return {"jobs": [job_to_wire(job) for job in jobs]}
+    return {"jobs": [job_for(call, job) for job in jobs]}
 
 
-async def _withdraw_if_removed(call: Call, jobs: Sequence[Job], refs: set[str]) -> None:
+async def _withdraw_if_removed(call: Call[Any], jobs: Sequence[Job], refs: set[str]) -> None:
     """A dataset removal that began while these jobs were being stored may not have seen
     them: look again, and cancel them rather than leave jobs naming a removed version."""
     gone = await call.core.datasets.withdrawn(refs)
@@ -185,7 +191,7 @@ async def _withdraw_if_removed(call: Call, jobs: Sequence[Job], refs: set[str]) 
                    "again with another version")
 
 
-async def _active(call: Call, states: Collection[JobState], owner: str | None, limit: int,
+async def _active(call: Call[Any], states: Collection[JobState], owner: str | None, limit: int,
                   before: int | None) -> list[Job]:
     """Jobs in these active states (of ``owner``), newest first.
 
@@ -202,9 +208,8 @@ async def _active(call: Call, states: Collection[JobState], owner: str | None, l
     return found[:limit]
 
 
-@handles("jobs.list")
-async def jobs_list(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
+@handles(ops.JOBS_LIST)
+async def jobs_list(call: Call[ops.JobsListArgs]) -> dict[str, Any]:
     args, jobs = call.args, call.core.jobs
     owner = args["owner"]
     if args["all_users"] or (owner and owner != call.identity.user):
@@ -227,16 +232,15 @@ async def jobs_list(call: Call) -> dict[str, Any]:
         recent = await jobs.list(owner=owner, limit=args["limit"], before_id=args["before"])
         merged = {job.id: job for job in (*active, *recent)}
         found = sorted(merged.values(), key=lambda j: -j.id)[: max(args["limit"], len(active))]
-    return {"jobs": [job_to_wire(job) for job in found]}
+    return {"jobs": [job_for(call, job) for job in found]}
 
 
-@handles("jobs.get")
-async def jobs_get(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
-    return job_to_wire(await visible_job(call, call.args["job"]))
+@handles(ops.JOBS_GET)
+async def jobs_get(call: Call[ops.JobArgs]) -> WireJob | dict[str, Any]:
+    return job_for(call, await visible_job(call, call.args["job"]))
 
 
-async def cancel_job(call: Call, job: Job, reason: str) -> Job:
+async def cancel_job(call: Call[Any], job: Job, reason: str) -> Job:
     if job.owner != call.identity.user:
         call.require("jobs:cancel:all")
     if job.state in TERMINAL_STATES:
@@ -249,16 +253,15 @@ async def cancel_job(call: Call, job: Job, reason: str) -> Job:
     return updated
 
 
-@handles("jobs.cancel")
-async def jobs_cancel(call: Call) -> dict[str, Any]:
-    call.require("jobs:cancel")
+@handles(ops.JOBS_CANCEL)
+async def jobs_cancel(call: Call[ops.JobsCancelArgs]) -> dict[str, Any]:
     who = call.identity.user
     reason = f"cancelled by {who}" + (f": {call.args['reason']}" if call.args["reason"] else "")
     jobs = await visible_jobs(call, call.args["jobs"])
-    return {"jobs": [job_to_wire(await cancel_job(call, job, reason)) for job in jobs]}
+    return {"jobs": [job_for(call, await cancel_job(call, job, reason)) for job in jobs]}
 
 
-async def get_many(call: Call, ids: Sequence[int]) -> list[Job]:
+async def get_many(call: Call[Any], ids: Sequence[int]) -> list[Job]:
     """The stored jobs among ``ids``; one query when they are mostly one range (a sweep)."""
     if not ids:
         return []
@@ -271,7 +274,7 @@ async def get_many(call: Call, ids: Sequence[int]) -> list[Job]:
     return [job for job in jobs if job is not None]
 
 
-async def _wait_until(call: Call, ids: Sequence[int],
+async def _wait_until(call: Call[Any], ids: Sequence[int],
                       deadline: float | None) -> tuple[dict[int, Job], bool]:
     done: dict[int, Job] = {}
     wanted = set(ids)
@@ -279,7 +282,7 @@ async def _wait_until(call: Call, ids: Sequence[int],
     async def ended(job: Job) -> None:
         if job.id in wanted and job.id not in done and job.state in TERMINAL_STATES:
             done[job.id] = job
-            await call.emit("job", job_to_wire(job))
+            await call.emit("job", job_for(call, job))
 
     while len(done) < len(wanted):
         # Subscribe first, then read: no ending can slip between the two. A subscriber that
@@ -301,9 +304,8 @@ async def _wait_until(call: Call, ids: Sequence[int],
     return done, False
 
 
-@handles("jobs.wait")
-async def jobs_wait(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
+@handles(ops.JOBS_WAIT)
+async def jobs_wait(call: Call[ops.JobsWaitArgs]) -> dict[str, Any]:
     jobs = await visible_jobs(call, call.args["jobs"])
     ids = list(dict.fromkeys(job.id for job in jobs))
     timeout = call.args["timeout"]
@@ -311,12 +313,11 @@ async def jobs_wait(call: Call) -> dict[str, Any]:
     done, timed_out = await _wait_until(call, ids, deadline)
     rest = {job.id: job for job in await get_many(call, [i for i in ids if i not in done])}
     final = [done.get(i) or rest.get(i) for i in ids]
-    return {"jobs": [job_to_wire(j) for j in final if j is not None], "timed_out": timed_out}
+    return {"jobs": [job_for(call, j) for j in final if j is not None], "timed_out": timed_out}
 
 
-@handles("jobs.events")
-async def jobs_events(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
+@handles(ops.JOBS_EVENTS)
+async def jobs_events(call: Call[ops.JobsEventsArgs]) -> dict[str, Any]:
     wanted = None
     if call.args["jobs"] is not None:
         wanted = {job.id for job in await visible_jobs(call, call.args["jobs"])}
@@ -324,4 +325,4 @@ async def jobs_events(call: Call) -> dict[str, Any]:
         while True:
             job = await sub.next()
             if (wanted is None or job.id in wanted) and may_see(call, job):
-                await call.emit("job", job_to_wire(job))
+                await call.emit("job", job_for(call, job))

@@ -21,6 +21,7 @@ from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 from fetchml.daemon.jobs.runner import logs_path
 from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.errors import NotFound, Unavailable
+from fetchml.protocol import ops
 
 # Largest piece of log in one event; well under the frame limit.
 LOG_CHUNK = 1 << 20
@@ -53,7 +54,7 @@ def _attempt_over(job: Job, attempt: int, *, fixed: bool) -> bool:
     return fixed and (job.attempt > attempt or job.state is not JobState.RUNNING)
 
 
-async def _remote_host(call: Call, job: Job, attempt: int) -> str | None:
+async def _remote_host(call: Call[Any], job: Job, attempt: int) -> str | None:
     """The other host whose disk holds ``attempt``'s log, or None to read this one's."""
     core = call.core
     if (core.cluster is None or not attempt or is_peer(call.identity)
@@ -65,20 +66,20 @@ async def _remote_host(call: Call, job: Job, attempt: int) -> str | None:
     return host if host and host != core.cluster.name else None
 
 
-async def _relay(call: Call, host: str, pos: _Position, follow: bool) -> None:
+async def _relay(call: Call[Any], host: str, pos: _Position, follow: bool) -> None:
     """Stream one attempt's log from ``host``, which ran it."""
     assert call.core.cluster is not None
     conn = await call.core.cluster.peer(host)
     args = {"job": str(pos.job.id), "attempt": pos.attempt, "offset": pos.offset,
             "follow": follow}
-    async with conn.stream("jobs.logs", args) as stream:
+    async with conn.stream(ops.JOBS_LOGS.name, args) as stream:
         async for event, data in stream:
             if event == "log" and isinstance(data, bytes):
                 await call.emit("log", data)
                 pos.offset += len(data)
 
 
-async def _follow_local(call: Call, pos: _Position, follow: bool, fixed: bool) -> bool:
+async def _follow_local(call: Call[Any], pos: _Position, follow: bool, fixed: bool) -> bool:
     """Stream the attempt's log from this host's disk; True when a newer attempt began."""
     runner = call.core.runner
     refresh_at = time.monotonic() + REFRESH_S
@@ -107,7 +108,7 @@ async def _follow_local(call: Call, pos: _Position, follow: bool, fixed: bool) -
             await asyncio.sleep(FOLLOW_POLL_S)
 
 
-async def _follow_remote(call: Call, host: str, pos: _Position, follow: bool,
+async def _follow_remote(call: Call[Any], host: str, pos: _Position, follow: bool,
                          fixed: bool) -> bool:
     """Relay the attempt's log from ``host``; True when a newer attempt began."""
     assert call.core.cluster is not None
@@ -133,9 +134,8 @@ async def _follow_remote(call: Call, host: str, pos: _Position, follow: bool,
         await asyncio.sleep(REFRESH_S / 4)  # e.g. waiting to be retried: nothing to relay
 
 
-@handles("jobs.logs")
-async def jobs_logs(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
+@handles(ops.JOBS_LOGS)
+async def jobs_logs(call: Call[ops.JobsLogsArgs]) -> dict[str, Any]:
     job: Job = await visible_job(call, call.args["job"])
     fixed_attempt: int | None = call.args["attempt"]
     if fixed_attempt is not None and not 1 <= fixed_attempt <= max(job.attempt, 1):

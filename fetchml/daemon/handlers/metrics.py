@@ -17,6 +17,7 @@ from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
 from fetchml.daemon.observe.series import StoredMetrics, wire_point
 from fetchml.daemon.observe.training import FeedItem, MetricsTracker, thin
 from fetchml.errors import BadRequest
+from fetchml.protocol import ops_metrics
 from fetchml.protocol.ops_metrics import MAX_JOBS
 
 # Points in one reply or event, all series together: ~20 bytes each in msgpack, so a reply
@@ -38,9 +39,8 @@ def entry(job: Job, stored: StoredMetrics, per_series: int,
     return {"job": job.id, "state": job.state.value, **stored.to_wire(per_series, names)}
 
 
-@handles("jobs.metrics")
-async def jobs_metrics(call: Call) -> dict[str, Any]:
-    call.require("jobs:read")
+@handles(ops_metrics.JOBS_METRICS)
+async def jobs_metrics(call: Call[ops_metrics.JobsMetricsArgs]) -> dict[str, Any]:
     refs: list[str] = call.args["jobs"]
     if not refs or len(refs) > MAX_JOBS:
         raise BadRequest(f"ask for the metrics of between 1 and {MAX_JOBS} jobs at once")
@@ -57,7 +57,7 @@ async def jobs_metrics(call: Call) -> dict[str, Any]:
                      for job, s in zip(jobs, stored, strict=True)]}
 
 
-async def _send_all(call: Call, tracker: MetricsTracker, jobs: dict[int, Job], wanted: int,
+async def _send_all(call: Call[Any], tracker: MetricsTracker, jobs: dict[int, Job], wanted: int,
                     names: set[str] | None) -> None:
     """Each job's series so far, as a reset event."""
     # Taken in one step with the feed already open: no batch can be both in a snapshot of a
@@ -70,7 +70,7 @@ async def _send_all(call: Call, tracker: MetricsTracker, jobs: dict[int, Job], w
         await call.emit("metrics", {**entry(job, stored, per_series, names), "reset": True})
 
 
-async def _send_item(call: Call, item: FeedItem, wanted: int, names: set[str] | None) -> None:
+async def _send_item(call: Call[Any], item: FeedItem, wanted: int, names: set[str] | None) -> None:
     if item.kind == "end":
         return
     chosen = {n: p for n, p in item.points.items() if names is None or n in names}
@@ -83,7 +83,7 @@ async def _send_item(call: Call, item: FeedItem, wanted: int, names: set[str] | 
                                 "malformed": item.malformed, "series": series})
 
 
-async def _follow(call: Call, tracker: MetricsTracker, found: list[Job], wanted: int,
+async def _follow(call: Call[Any], tracker: MetricsTracker, found: list[Job], wanted: int,
                   names: set[str] | None) -> dict[str, Any]:
     jobs = {job.id: job for job in found}
     done: set[int] = set()

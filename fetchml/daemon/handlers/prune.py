@@ -9,6 +9,8 @@ from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.jobs.model import TERMINAL_STATES, JobState
 from fetchml.daemon.jobs.retention import PruneReport, prune_jobs
 from fetchml.errors import BadRequest
+from fetchml.protocol import ops
+from fetchml.protocol.schema import NoArgs
 
 
 def _states(names: list[str] | None) -> set[JobState] | None:
@@ -23,9 +25,8 @@ def _states(names: list[str] | None) -> set[JobState] | None:
     return states
 
 
-@handles("admin.prune")
-async def admin_prune(call: Call) -> dict[str, Any]:
-    call.require("jobs:prune")
+@handles(ops.ADMIN_PRUNE)
+async def admin_prune(call: Call[ops.AdminPruneArgs]) -> dict[str, Any]:
     args, core = call.args, call.core
     owner = args["user"] or call.identity.user
     if args["all_users"] or owner != call.identity.user:
@@ -46,17 +47,15 @@ async def admin_prune(call: Call) -> dict[str, Any]:
                        args["dry_run"]).to_dict()
 
 
-@handles("snapshot.pin")
-async def snapshot_pin(call: Call) -> dict[str, Any]:
-    call.require("cas:write")
+@handles(ops.SNAPSHOT_PIN)
+async def snapshot_pin(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
     snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
     await asyncio.to_thread(call.core.pins.pin, snapshot, call.identity.user)
     return {"snapshot": snapshot}
 
 
-@handles("snapshot.unpin")
-async def snapshot_unpin(call: Call) -> dict[str, Any]:
-    call.require("cas:write")
+@handles(ops.SNAPSHOT_UNPIN)
+async def snapshot_unpin(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
     snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
     # an admin (who may prune everyone's jobs) removes every pin; anyone else only their own
     owner = None if call.identity.allows("admin:prune") else call.identity.user
@@ -64,8 +63,7 @@ async def snapshot_unpin(call: Call) -> dict[str, Any]:
     return {"snapshot": snapshot, "by": removed}
 
 
-@handles("snapshot.pins")
-async def snapshot_pins(call: Call) -> dict[str, Any]:
-    call.require("cas:read")
+@handles(ops.SNAPSHOT_PINS)
+async def snapshot_pins(call: Call[NoArgs]) -> dict[str, Any]:
     owner = None if call.identity.allows("admin:prune") else call.identity.user
     return {"pins": call.core.pins.listing(owner)}

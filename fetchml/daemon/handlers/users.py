@@ -6,33 +6,31 @@ import asyncio
 from typing import Any
 
 from fetchml.daemon.handlers import Call, handles
+from fetchml.protocol import ops
+from fetchml.protocol.schema import NoArgs
 
 
-@handles("admin.users.add")
-async def admin_users_add(call: Call) -> dict[str, Any]:
-    call.require("admin:users")
+@handles(ops.ADMIN_USERS_ADD)
+async def admin_users_add(call: Call[ops.AdminUsersAddArgs]) -> dict[str, Any]:
     args = call.args
     record, key = await asyncio.to_thread(call.core.auth.registry.add, args["name"],
                                           args["role"], args["uid"])
     return {"name": record.name, "role": record.role, "key": key}
 
 
-@handles("admin.users.list")
-async def admin_users_list(call: Call) -> dict[str, Any]:
-    call.require("admin:users")
+@handles(ops.ADMIN_USERS_LIST)
+async def admin_users_list(call: Call[NoArgs]) -> dict[str, Any]:
     return {"users": [user.public() for user in call.core.auth.registry.all()]}
 
 
-@handles("admin.users.revoke")
-async def admin_users_revoke(call: Call) -> dict[str, Any]:
-    call.require("admin:users")
+@handles(ops.ADMIN_USERS_REVOKE)
+async def admin_users_revoke(call: Call[ops.AdminUsersRevokeArgs]) -> dict[str, Any]:
     record = await asyncio.to_thread(call.core.auth.registry.revoke, call.args["name"])
     return {"name": record.name, "revoked_at": record.revoked_at}
 
 
-@handles("admin.audit")
-async def admin_audit(call: Call) -> dict[str, Any]:
-    call.require("admin:audit")
+@handles(ops.ADMIN_AUDIT)
+async def admin_audit(call: Call[ops.AdminAuditArgs]) -> dict[str, Any]:
     audit = call.core.auth.audit
     result: dict[str, Any] = {}
     if call.args["verify"]:

@@ -46,6 +46,12 @@ class DaemonMetrics:
                                          ["op"], buckets=REQUEST_BUCKETS, registry=r)
         self.auth_failures = Counter("fetchml_auth_failures", "Refused authentications",
                                      registry=r)
+        self.connections_refused = Counter(
+            "fetchml_connections_refused", "TCP connections closed before their hello, by reason "
+            "(address: outside ip_allowlist; full: too many pending; deadline: too slow)",
+            ["reason"], registry=r)
+        for reason in ("address", "full", "deadline"):
+            self.connections_refused.labels(reason)
         self._store_stats_at = 0.0
         for state in JobState:
             self.jobs.labels(state.value)

@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fetchml.daemon.security.netpolicy import NetworkPolicy, parse_address
 
@@ -49,13 +49,13 @@ class GateCounts:
     refused_full: int = 0
     expired: int = 0
     accept_errors: int = 0
-    by_address: dict[str, int] = field(default_factory=dict)
 
 
 class ConnectionGate:
     def __init__(self, *, policy: NetworkPolicy | None, deadline: float, per_address: int,
-                 total: int) -> None:
+                 total: int, on_refuse: Callable[[str], None] | None = None) -> None:
         self.policy, self.deadline = policy, deadline
+        self.on_refuse = on_refuse  # told "address", "full" or "deadline" for each refusal
         self.per_address, self.total = per_address, total
         self.counts = GateCounts()
         self._pending: set[_Pending] = set()
@@ -106,6 +106,7 @@ class ConnectionGate:
         if self.policy is not None and not (self.policy.allows(address) or
                                             self.policy.is_trusted_proxy(address)):
             self.counts.refused_address += 1
+            self._refused("address")
             _close(conn)
             return None
         key = str(address)
@@ -113,6 +114,7 @@ class ConnectionGate:
             self._forget_closed()
             if self._full(key):
                 self.counts.refused_full += 1
+                self._refused("full")
                 _close(conn)
                 return None
         conn.setblocking(False)
@@ -150,10 +152,15 @@ class ConnectionGate:
         if pending.done:
             return
         self.counts.expired += 1
+        self._refused("deadline")
         transport = pending.transport
         self._release(pending)
         if transport is not None:
             transport.abort()  # type: ignore[attr-defined]
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(reason)
 
     def _release(self, pending: _Pending) -> None:
         if pending.done:
