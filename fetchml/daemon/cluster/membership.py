@@ -31,14 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fetchml.daemon.cluster.events import EventBridge
 from fetchml.daemon.cluster.fetch import FetchReport, Peer, SnapshotFetcher
 from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
-from fetchml.daemon.cluster.registry import HostRecord, HostRegistry
 from fetchml.daemon.jobs.model import Job, JobSpec, JobState
 from fetchml.daemon.jobs.scheduler import never_fits
 from fetchml.daemon.security.auth import Identity, Knock
-from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.daemon.supervise.records import (
     STATUS_FILE,
     process_matches,
@@ -49,6 +46,8 @@ from fetchml.errors import ConfigError, Conflict, FetchmlError, NotFound, Unavai
 
 if TYPE_CHECKING:
     from fetchml.daemon.app import DaemonCore
+    from fetchml.daemon.cluster.registry import HostRecord
+    from fetchml.daemon.store.redis import RedisJobStore
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,10 @@ class Cluster:
     """This daemon's membership of a cluster; ``core.cluster`` while the store is Redis."""
 
     def __init__(self, core: DaemonCore, store: RedisJobStore) -> None:
+        # here, not at the top: they import redis, which only a cluster's daemon loads
+        from fetchml.daemon.cluster.events import EventBridge
+        from fetchml.daemon.cluster.registry import HostRegistry
+
         s = core.settings
         self.core, self.store = core, store
         self.name = s.name
@@ -150,6 +153,8 @@ class Cluster:
                  self.address or "no address", len(self.hosts))
 
     def record(self) -> HostRecord:
+        from fetchml.daemon.cluster.registry import HostRecord
+
         inventory = self.core.inventory.to_dict()
         del inventory["name"]
         free = self.core.scheduler.free()
@@ -382,8 +387,11 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 async def attach(core: DaemonCore, stack: contextlib.AsyncExitStack) -> Cluster | None:
     """Join the cluster when the job store is Redis; None for a standalone daemon."""
-    if not isinstance(core.jobs, RedisJobStore):
+    if not core.jobs.shared:
         return None
+    from fetchml.daemon.store.redis import RedisJobStore  # imports redis: only for a cluster
+
+    assert isinstance(core.jobs, RedisJobStore)
     cluster = Cluster(core, core.jobs)
     await cluster.start(stack)
     return cluster

@@ -19,7 +19,6 @@ from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 from fetchml.daemon.jobs.runner import logs_path
-from fetchml.daemon.store.redis import RedisJobStore
 from fetchml.errors import NotFound, Unavailable
 
 # Largest piece of log in one event; well under the frame limit.
@@ -60,8 +59,8 @@ async def _remote_host(call: Call, job: Job, attempt: int) -> str | None:
             or core.runner.run_dir(job.id, attempt).exists()):
         return None
     host = job.host if job.attempt == attempt else None
-    if host is None and isinstance(core.jobs, RedisJobStore):
-        host = await core.jobs.attempt_host(job.id, attempt)
+    if host is None:  # a cluster's store is Redis, which records each attempt's host
+        host = await core.cluster.store.attempt_host(job.id, attempt)
     return host if host and host != core.cluster.name else None
 
 

@@ -267,6 +267,8 @@ class _ClaimReadout(JobTransaction):
 
 
 class RedisJobStore(JobStore):
+    shared = True
+
     def __init__(self, url: str, *, prefix: str = "fetchml:", origin: str = "") -> None:
         self.url, self.prefix = url, prefix
         self.channel = prefix + "events"
