@@ -36,12 +36,9 @@ from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
 from fetchml.daemon.jobs.model import Job, JobSpec, JobState
 from fetchml.daemon.jobs.scheduler import never_fits
 from fetchml.daemon.security.auth import Identity, Knock
-from fetchml.daemon.supervise.records import (
-    STATUS_FILE,
-    process_matches,
-    read_supervisor_info,
-    signal_supervisor,
-)
+from fetchml.daemon.supervise.processes import process_matches, signal_supervisor
+from fetchml.daemon.supervise.records import read_supervisor_info
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.errors import ConfigError, Conflict, FetchmlError, NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -92,7 +89,7 @@ def _live_supervisors(runs_dir: Path) -> list[tuple[int, int, int, float]]:
             if not job_dir.name.isdigit():
                 continue
             for run_dir in job_dir.iterdir():
-                if not run_dir.name.isdigit() or (run_dir / STATUS_FILE).exists():
+                if not run_dir.name.isdigit() or RunDir(run_dir).status.exists():
                     continue
                 info = read_supervisor_info(run_dir)
                 if info is not None and process_matches(info.pid, info.create_time):

@@ -41,6 +41,7 @@ from fetchml.daemon.datasets.registry import (
     SqliteDatasetRegistry,
 )
 from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
+from fetchml.daemon.supervise.rundir import DATA_DIR, RunDir
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"  # in a run directory: $FETCHML_DATA_DIR, one symlink per dataset
 MAX_DATASETS_PER_JOB = 32
 # Shared registries: how often a daemon looks for changes made by the others (one GET).
 REFRESH_S = 1.0
@@ -299,13 +299,13 @@ class DatasetService:
         return self.cache.ensure(version.snapshot, SnapshotManifest.decode(data), version.ref)
 
     def environment(self, job: Job, run_dir: Path) -> Mapping[str, str]:
-        return {"FETCHML_DATA_DIR": str(run_dir / DATA_DIR)} if job.datasets else {}
+        return {"FETCHML_DATA_DIR": str(RunDir(run_dir).data)} if job.datasets else {}
 
     def workspace(self, job: Job, run_dir: Path) -> None:
         """Link each dataset's cache into the attempt (blocking)."""
         if not job.datasets:
             return
-        os.mkdir(run_dir / DATA_DIR, 0o755)
+        os.mkdir(RunDir(run_dir).data, 0o755)
         for text in job.datasets:
             ref = stored_ref(text)
             version = self._known.get(ref.label)
@@ -316,9 +316,9 @@ class DatasetService:
             if not self.cache.is_cached(version.snapshot):  # removed since before_prepare
                 cache = self._materialise(version)
             if ref.mount is None:
-                os.symlink(cache, run_dir / DATA_DIR / ref.name)
+                os.symlink(cache, RunDir(run_dir).data / ref.name)
             else:
-                link_into_workspace(run_dir / "work", ref.mount, cache, version.ref)
+                link_into_workspace(RunDir(run_dir).work, ref.mount, cache, version.ref)
 
 
 def link_into_workspace(work: Path, mount: str, target: Path, what: str) -> None:

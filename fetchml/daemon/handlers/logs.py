@@ -18,7 +18,7 @@ from fetchml.daemon.cluster.membership import is_peer
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
-from fetchml.daemon.jobs.runner import logs_path
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.errors import NotFound, Unavailable
 
 # Largest piece of log in one event; well under the frame limit.
@@ -83,7 +83,7 @@ async def _follow_local(call: Call, pos: _Position, follow: bool, fixed: bool) -
     refresh_at = time.monotonic() + REFRESH_S
     with call.core.events.subscribe() as sub:
         while True:
-            path = logs_path(runner.run_dir(pos.job.id, pos.attempt))
+            path = RunDir(runner.run_dir(pos.job.id, pos.attempt)).log
             data = _read_from(path, pos.offset) if pos.attempt else b""
             if data:
                 await call.emit("log", data)
