@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from fetchml.cli.context import human_bytes
+from fetchml.units import human_bytes
 
 TIME_KEYS = ("created_at", "queued_at", "started_at", "finished_at")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
+from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.config import parse_duration
+from fetchml.units import human_bytes
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 

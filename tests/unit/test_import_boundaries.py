@@ -17,6 +17,8 @@ Boundaries (over every import, lazy and TYPE_CHECKING ones included, unless said
   to run the daemon in the same process;
 - ``fetchml.daemon.supervise`` imports only the standard library, psutil, ``fetchml.errors``
   and itself: it runs in forked supervisors, which must start in milliseconds;
+- ``fetchml.errors`` and ``fetchml.units``, which every part may import, import only the
+  standard library;
 - no import cycle among fetchml's modules through the imports run when a module is imported
   (top-level imports, those under ``try``/``if`` at module level included). Lazy imports and
   TYPE_CHECKING ones are left out of the cycle check: they do not run at import time, which is
@@ -148,6 +150,13 @@ def test_the_client_never_imports_aiohttp() -> None:
     assert bad == []
 
 
+@pytest.mark.parametrize("leaf", ["fetchml.errors", "fetchml.units"])
+def test_errors_and_units_import_only_the_standard_library(leaf: str) -> None:
+    # every part imports them, the forked supervisor included (errors)
+    bad = [str(e) for e in GRAPH[leaf] if e.target not in sys.stdlib_module_names]
+    assert bad == []
+
+
 # The one way the CLI reaches the daemon's code: `fetchml daemon` runs it in its own process.
 CLI_DAEMON_EXCEPTION = ("fetchml.cli.daemon_cmd", "fetchml.daemon.server", LAZY)
 
@@ -241,7 +250,7 @@ def test_every_cli_command_imports_and_parses_without_redis() -> None:
         "from fetchml.cli.main import cli\n"
         f"for module in {CLI_COMMANDS!r}:\n"
         "    __import__(module)\n"
-        "for name in sorted(cli.list_commands(None)):\n"  # type: ignore[arg-type]
+        "for name in sorted(cli.list_commands(None)):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        cli.main([name, '--help'], prog_name='fetchml')\n"
     )

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fetchml.cli.context import human_bytes
 from fetchml.cli.jobs_view import elapsed, outcome
+from fetchml.units import human_bytes
 
 ACTIVE = frozenset({"held", "queued", "running"})
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "lost"})
