@@ -79,7 +79,7 @@ def stored_ref(text: str) -> DatasetRef:
     """A job's stored ``NAME@V[:MOUNT]``."""
     ref = parse_ref(text)
     if ref.version is None:
-        raise FetchmlError(f"dataset reference {text!r} has no version; queue the job again")
+        raise BadRequest(f"dataset reference {text!r} has no version; queue the job again")
     return ref
 
 
@@ -263,8 +263,8 @@ class DatasetService:
             assert ref.version is not None
             version = await self.version(ref.name, ref.version)
             if version.state == REMOVED:
-                raise FetchmlError(f"dataset {version.ref} was removed after the job was "
-                                   "queued; queue it again with another version")
+                raise NotFound(f"dataset {version.ref} was removed after the job was "
+                               "queued; queue it again with another version")
             # The cluster's fetcher, when this daemon is part of one: a whole snapshot,
             # manifest and objects, from whichever host has it.
             fetcher = getattr(getattr(self.core, "cluster", None), "fetcher", None)
@@ -294,8 +294,8 @@ class DatasetService:
         try:
             data = self.core.snapshots.read_bytes(version.snapshot)
         except NotFound:
-            raise FetchmlError(f"dataset {version.ref} is not stored on this host; push it to "
-                               "this daemon again") from None
+            raise NotFound(f"dataset {version.ref} is not stored on this host; push it to "
+                           "this daemon again") from None
         return self.cache.ensure(version.snapshot, SnapshotManifest.decode(data), version.ref)
 
     def environment(self, job: Job, run_dir: Path) -> Mapping[str, str]:
@@ -310,8 +310,8 @@ class DatasetService:
             ref = stored_ref(text)
             version = self._known.get(ref.label)
             if version is None:
-                raise FetchmlError(f"dataset {ref.label} is unknown to this daemon; queue the "
-                                   "job again")
+                raise NotFound(f"dataset {ref.label} is unknown to this daemon; queue the "
+                               "job again")
             cache = self.cache.path(version.snapshot)
             if not self.cache.is_cached(version.snapshot):  # removed since before_prepare
                 cache = self._materialise(version)
@@ -332,14 +332,14 @@ def link_into_workspace(work: Path, mount: str, target: Path, what: str) -> None
             os.mkdir(here, 0o755)
         except FileExistsError:
             if here.is_symlink() or not here.is_dir():
-                raise FetchmlError(f"dataset {what} cannot be mounted at {mount}: "
-                                   f"{here.relative_to(work)} is not a directory of the "
-                                   "snapshot; choose another mount point") from None
+                raise BadRequest(f"dataset {what} cannot be mounted at {mount}: "
+                                 f"{here.relative_to(work)} is not a directory of the "
+                                 "snapshot; choose another mount point") from None
     try:
         os.symlink(target, here / name)
     except FileExistsError:
-        raise FetchmlError(f"dataset {what} cannot be mounted at {mount}: the snapshot has "
-                           "that path already; choose another mount point") from None
+        raise BadRequest(f"dataset {what} cannot be mounted at {mount}: the snapshot has "
+                         "that path already; choose another mount point") from None
 
 
 async def _follow_registry(svc: DatasetService) -> None:

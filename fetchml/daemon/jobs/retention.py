@@ -26,7 +26,7 @@ from fetchml.cas import gc
 from fetchml.cas.objects import ObjectStore
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 from fetchml.daemon.store.contract import JobStore
-from fetchml.errors import FetchmlError, IntegrityError, NotFound
+from fetchml.errors import IntegrityError, InternalError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Pins:
         except FileNotFoundError:
             self.ids = {}
         except (OSError, ValueError) as exc:
-            raise FetchmlError(f"{self.path} is unreadable ({exc}); fix or remove it") from exc
+            raise InternalError(f"{self.path} is unreadable ({exc}); fix or remove it") from exc
 
     def _save(self) -> None:
         tmp = self.path.with_name(f".{PINS_NAME}.tmp")

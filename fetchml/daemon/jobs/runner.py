@@ -50,7 +50,7 @@ from fetchml.daemon.supervise.records import (
     write_json_atomic,
 )
 from fetchml.daemon.supervise.rundir import RunDir
-from fetchml.errors import Conflict, FetchmlError, NotFound, Unavailable
+from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +236,8 @@ class Runner:
         materialize(manifest, self.objects, work)
         cwd = work / job.workdir if job.workdir else work
         if job.workdir and (not cwd.is_dir() or cwd.is_symlink()):
-            raise FetchmlError(f"workdir {job.workdir!r} is not a directory of the snapshot; "
-                               "queue the job with a --workdir that exists")
+            raise BadRequest(f"workdir {job.workdir!r} is not a directory of the snapshot; "
+                             "queue the job with a --workdir that exists")
         for expose in self.hooks.workspace:
             expose(job, run_dir)
         spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir),
@@ -306,8 +306,8 @@ class Runner:
                          max_file_size=OUTPUT_MAX_FILE)
         stored = dict(self.objects.put_files(scan.sources.values()))
         if set(stored) != set(scan.sources):
-            raise FetchmlError("outputs changed while they were being stored; the job's "
-                               "processes must stop writing them before they exit")
+            raise Conflict("outputs changed while they were being stored; the job's "
+                           "processes must stop writing them before they exit")
         manifest = scan.manifest
         if not self.snapshots.contains(manifest.snapshot_id):
             self.snapshots.put_bytes(manifest.encode())

@@ -21,7 +21,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from fetchml.errors import FetchmlError
+from fetchml.errors import InternalError
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class AuditLog:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise FetchmlError(f"cannot write the audit log {self.path}: {exc.strerror}; "
-                                   "check the disk and the log directory") from exc
+                raise InternalError(f"cannot write the audit log {self.path}: {exc.strerror}; "
+                                    "check the disk and the log directory") from exc
             self._seq, self._prev = entry["seq"], entry["hash"]
 
     def tail(self, count: int) -> list[dict[str, Any]]:
