@@ -42,7 +42,7 @@ from fetchml.daemon.datasets.registry import (
 )
 from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
 from fetchml.daemon.supervise.rundir import DATA_DIR, RunDir
-from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
+from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
 
 if TYPE_CHECKING:
@@ -59,11 +59,8 @@ _SERVICES: weakref.WeakKeyDictionary[DaemonCore, DatasetService] = weakref.WeakK
 
 
 def service(core: DaemonCore) -> DatasetService:
-    """The dataset service attached to ``core``."""
-    found = _SERVICES.get(core)
-    if found is None:
-        raise Unavailable("datasets are not available on this daemon yet; retry in a moment")
-    return found
+    """The dataset service attached to ``core`` (before the daemon serves any request)."""
+    return _SERVICES[core]
 
 
 def open_registry(settings: DaemonSettings) -> DatasetRegistry:

@@ -462,10 +462,3 @@ class Runner:
             return
         log.info("job %d attempt %d was never launched; launching it now", job.id, job.attempt)
         await self.start(job)
-
-
-def attempt_dirs(runs_dir: Path, job_id: int) -> list[Path]:
-    base = runs_dir / str(job_id)
-    if not base.is_dir():
-        return []
-    return sorted((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
