@@ -244,7 +244,7 @@ CLI_COMMANDS = sorted(module for module in MODULES
                       if within(module, "fetchml.cli") and module.endswith("_cmd"))
 
 
-def test_every_cli_command_imports_and_parses_without_redis() -> None:
+def test_every_cli_command_imports_and_parses_without_redis_aiohttp_or_the_daemon() -> None:
     code = (
         "import contextlib, io, sys\n"
         "from fetchml.cli.main import cli\n"
@@ -257,6 +257,7 @@ def test_every_cli_command_imports_and_parses_without_redis() -> None:
     modules = _modules_after(code)
     assert set(CLI_COMMANDS) <= set(modules)
     assert _redis(modules) == []
+    assert [m for m in modules if within(m, "aiohttp") or within(m, "fetchml.daemon")] == []
 
 
 def test_a_sqlite_daemon_runs_a_job_without_redis(short_tmp: Path) -> None:
