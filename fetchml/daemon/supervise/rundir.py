@@ -29,7 +29,8 @@ SERIES_FILE = "metrics.msgpack"  # the daemon's bounded copy, written when the a
 PODMAN_ENV_FILE = "podman.env"
 # What the daemon and the supervisor keep there for themselves: never the job's to write.
 PRIVATE_FILES = frozenset({SPEC_FILE, SUPERVISOR_FILE, STATUS_FILE, SUPERVISOR_LOG, DEFAULT_LOG,
-                           DEFAULT_LOG.removesuffix(".log") + INDEX_FILE_SUFFIX, PODMAN_ENV_FILE})
+                           Path(DEFAULT_LOG).with_suffix(INDEX_FILE_SUFFIX).name,
+                           PODMAN_ENV_FILE})
 
 
 def index_of(log: Path) -> Path:
@@ -39,6 +40,8 @@ def index_of(log: Path) -> Path:
 
 @dataclass(frozen=True)
 class RunDir:
+    """The paths of what one attempt's run directory, ``path``, holds."""
+
     path: Path
 
     @classmethod
