@@ -26,7 +26,8 @@ Boundaries (over every import, lazy and TYPE_CHECKING ones included, unless said
   registry), and no other may appear. TYPE_CHECKING imports never run and are not checked.
 
 Redis: imported only when a ``redis://`` store is configured. A SQLite daemon (a real one, in a
-subprocess) and every CLI command run without ``redis`` in ``sys.modules``.
+subprocess, running a job) and every CLI command run without ``redis`` in ``sys.modules``; the
+CLI's commands load neither aiohttp nor anything of ``fetchml.daemon`` either.
 """
 
 from __future__ import annotations
