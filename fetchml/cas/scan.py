@@ -17,6 +17,7 @@ from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cas.statcache import StatCache
 from fetchml.errors import BadRequest, NotFound, TooLarge
+from fetchml.units import human_bytes
 
 __all__ = ["DEFAULT_MAX_FILE_SIZE", "ScanResult", "StatCache", "scan_tree"]
 
@@ -56,15 +57,6 @@ class ScanResult:
     sources: Mapping[str, Path]  # oid -> one local file holding those bytes
     hashed_files: int = 0
     hashed_bytes: int = 0
-
-
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
@@ -255,11 +247,11 @@ class _Walk:
         if not self.too_large:
             return
         largest = sorted(self.too_large, reverse=True)[:TOO_LARGE_NAMED]
-        named = ", ".join(f"{rel!r} ({_human_size(size)})" for size, rel in largest)
+        named = ", ".join(f"{rel!r} ({human_bytes(size)})" for size, rel in largest)
         more = len(self.too_large) - len(largest)
         raise TooLarge(
             f"{len(self.too_large)} file(s) exceed max_file_size "
-            f"({_human_size(self.max_file_size)}): {named}{f' and {more} more' if more else ''}; "
+            f"({human_bytes(self.max_file_size)}): {named}{f' and {more} more' if more else ''}; "
             "add them to .fetchmlignore or raise max_file_size",
             details={"paths": [rel for _, rel in largest]},
         )

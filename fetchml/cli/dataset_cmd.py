@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli, render_table
+from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
 from fetchml.cli.jobs_view import rfc3339
 from fetchml.cli.sync_cmd import progress_bar
 from fetchml.client.transfer import sync_tree
@@ -20,6 +20,7 @@ from fetchml.config import parse_bytes
 from fetchml.errors import BadRequest
 from fetchml.protocol import ops_datasets
 from fetchml.protocol.ops_datasets import check_name, parse_ref
+from fetchml.units import human_bytes
 
 # Data files are large on purpose: a push refuses only files beyond this unless told otherwise
 # (a sync's default limit is meant to catch stray checkpoints, not training data).

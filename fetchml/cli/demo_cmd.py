@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from fetchml.cli.context import CliContext, pass_cli
-from fetchml.errors import DaemonUnreachable, FetchmlError
+from fetchml.errors import DaemonUnreachable, FetchmlError, InternalError
 
 DAEMON_START_TIMEOUT_S = 20.0
 DEMO_PROJECT = Path(__file__).resolve().parent.parent / "demo_project"
@@ -49,8 +49,8 @@ class Demo:
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
         if done.returncode != 0:
-            raise FetchmlError(f"demo step `fetchml {' '.join(args)}` failed with exit code "
-                               f"{done.returncode}; see its output above")
+            raise InternalError(f"demo step `fetchml {' '.join(args)}` failed with exit code "
+                                f"{done.returncode}; see its output above")
         return done.stdout
 
 

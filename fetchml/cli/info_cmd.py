@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli, render_table
+from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
 from fetchml.cli.jobs_view import rfc3339
 from fetchml.protocol import ops, ops_cluster
+from fetchml.units import human_bytes
 
 
 @click.command()

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fetchml.cli.context import human_bytes
 from fetchml.protocol.job import job_v1, read_job
+from fetchml.units import human_bytes
 
 TIME_KEYS = ("created_at", "queued_at", "started_at", "finished_at")
 

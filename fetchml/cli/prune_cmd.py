@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
+from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.config import parse_duration
 from fetchml.protocol import ops
+from fetchml.units import human_bytes
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 

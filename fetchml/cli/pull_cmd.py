@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
+from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.client.transfer import download_snapshot
 from fetchml.errors import Conflict, NotFound
 from fetchml.protocol import ops, ops_cluster
+from fetchml.units import human_bytes
 
 
 @click.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from fetchml.cli.context import CliContext, pass_cli
-from fetchml.errors import FetchmlError, PermissionDenied
+from fetchml.errors import BadRequest, PermissionDenied
 
 UNITS = Path(__file__).resolve().parent.parent / "units"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -59,7 +59,7 @@ def install_service(cli: CliContext, per_user: bool, output: Path | None,
         raise PermissionDenied(f"cannot write {directory}/fetchml.service; run with sudo, or "
                                "install a user service with --user") from exc
     except OSError as exc:
-        raise FetchmlError(f"cannot write {directory}/fetchml.service: {exc.strerror}") from exc
+        raise BadRequest(f"cannot write {directory}/fetchml.service: {exc.strerror}") from exc
     cli.say(f"wrote {directory / 'fetchml.service'}")
     if per_user:
         cli.say("now run:\n  systemctl --user daemon-reload\n"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from fetchml.cli.context import CliContext, human_bytes, json_option, pass_cli
+from fetchml.cli.context import CliContext, json_option, pass_cli
 from fetchml.client.transfer import Progress, SyncReport, sync_tree
 from fetchml.config import find_project_root
+from fetchml.units import human_bytes
 
 # Below this many bytes to send, a progress bar is only noise.
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024

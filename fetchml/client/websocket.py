@@ -211,11 +211,6 @@ class WebSocket:
         """Only for tests of the daemon's refusal of text frames."""
         self._send_frame(_OP_TEXT, text.encode())
 
-    def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are (tests that forge frames)."""
-        with self._send_lock:
-            self._sock.sendall(data)
-
     def close(self, code: int = 1000) -> None:
         if not self.closed:
             with contextlib.suppress(ConnectionClosed):

@@ -8,7 +8,8 @@ results and events is ``fetchml.protocol.job.WireJob``; the jobs of ``jobs.submi
 
 This file is part of the protocol specification (see the package docstring);
 ``python -c "import fetchml.protocol.ops as o; print(o.describe())"`` prints it as text.
-Job ids travel as strings (``"42"``) so that a later id scheme does not break clients.
+Requests name jobs by strings (``"job": "42"``; ``after`` also takes ints) so that a later id
+scheme does not break clients; results and events carry job ids as ints (``"id": 42``).
 """
 
 from __future__ import annotations

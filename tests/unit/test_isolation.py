@@ -16,7 +16,6 @@ import pytest
 from fetchml.config import DaemonSettings
 from fetchml.daemon.isolation.sandbox import (
     BWRAP_WRAPPER_DEPTH,
-    PODMAN_ENV_FILE,
     Layout,
     PodmanOptions,
     bwrap_argv,
@@ -33,6 +32,7 @@ from fetchml.daemon.isolation.service import (
     job_isolation,
 )
 from fetchml.daemon.supervise.records import RunSpec, read_status, write_json_atomic
+from fetchml.daemon.supervise.rundir import PODMAN_ENV_FILE
 from fetchml.errors import BadRequest, ConfigError
 from tests.unit.test_limits import PACKAGE_ROOT
 

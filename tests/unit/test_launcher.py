@@ -19,13 +19,12 @@ import pytest
 
 import fetchml.daemon.supervise.launcher as launcher_module
 from fetchml.daemon.supervise.launcher import SupervisorHandle, SupervisorLauncher
-from fetchml.daemon.supervise.records import (
+from fetchml.daemon.supervise.processes import (
     process_matches,
-    read_status,
-    read_supervisor_info,
     signal_supervisor,
     wait_process_exit,
 )
+from fetchml.daemon.supervise.records import read_status, read_supervisor_info
 from fetchml.errors import BadRequest, Unavailable
 
 PACKAGE_ROOT = str(Path(launcher_module.__file__).resolve().parents[2])

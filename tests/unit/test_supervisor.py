@@ -18,16 +18,18 @@ import psutil
 import pytest
 
 import fetchml.daemon.supervise.supervisor as supervisor_module
+from fetchml.daemon.supervise.processes import (
+    kill_orphaned_job,
+    process_matches,
+    signal_supervisor,
+    wait_process_exit,
+)
 from fetchml.daemon.supervise.records import (
     RunSpec,
     RunStatus,
     SupervisorInfo,
-    kill_orphaned_job,
-    process_matches,
     read_status,
     read_supervisor_info,
-    signal_supervisor,
-    wait_process_exit,
 )
 from fetchml.daemon.supervise.supervisor import EXIT_ALREADY_SUPERVISED
 from fetchml.errors import BadRequest

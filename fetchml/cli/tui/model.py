@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fetchml.cli.context import human_bytes
 from fetchml.cli.jobs_view import elapsed, gpus_cell, outcome
 from fetchml.protocol.job import JobSubmission, WireJob, read_job
+from fetchml.units import human_bytes
 
 ACTIVE = frozenset({"held", "queued", "running"})
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "lost"})

@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
 from fetchml.daemon.store.redis import RedisJobStore, event_message
+from fetchml.daemon.store.redis_client import REDIS_ERRORS
 from fetchml.errors import FetchmlError
 
 log = logging.getLogger(__name__)
@@ -28,6 +27,8 @@ log = logging.getLogger(__name__)
 # cost no more than this once Redis is back.
 RECONNECT_S = 0.5
 POLL_S = 1.0  # how long one read of the subscription waits for a message
+# Redis away, or the store refusing while it is: the bridge reconnects
+_OUTAGE: tuple[type[Exception], ...] = (*REDIS_ERRORS, FetchmlError)
 
 
 class EventBridge:
@@ -81,7 +82,7 @@ class EventBridge:
                                                        timeout=POLL_S)
                     if message is not None and message.get("type") == "message":
                         self.deliver(message["data"])
-            except (RedisError, OSError, FetchmlError) as exc:
+            except _OUTAGE as exc:
                 self.connected.clear()
                 if not outage:
                     log.warning("lost the job events of other hosts (%s); reconnecting", exc)
@@ -111,5 +112,5 @@ class EventBridge:
 async def _close(pubsub: Any) -> None:
     try:
         await pubsub.aclose()
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.debug("closing the subscription: %s", exc)

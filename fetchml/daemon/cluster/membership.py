@@ -28,15 +28,13 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fetchml.cas.objects import ObjectStore
 from fetchml.config import DaemonSettings
-from fetchml.daemon.cluster.events import EventBridge
 from fetchml.daemon.cluster.fetch import FetchReport, Peer, SnapshotFetcher
 from fetchml.daemon.cluster.peers import PeerConnection, PeerPool
-from fetchml.daemon.cluster.registry import HostRecord, HostRegistry
 from fetchml.daemon.events import JobEvents
 from fetchml.daemon.jobs.gc import GarbageCollector
 from fetchml.daemon.jobs.inventory import HostInventory
@@ -44,15 +42,15 @@ from fetchml.daemon.jobs.model import Job, JobSpec, JobState
 from fetchml.daemon.jobs.runner import Runner
 from fetchml.daemon.jobs.scheduler import Scheduler, never_fits
 from fetchml.daemon.security.auth import Authenticator, Identity, Knock
-from fetchml.daemon.store.redis import RedisJobStore
-from fetchml.daemon.supervise.records import (
-    STATUS_FILE,
-    process_matches,
-    read_supervisor_info,
-    signal_supervisor,
-)
+from fetchml.daemon.supervise.processes import process_matches, signal_supervisor
+from fetchml.daemon.supervise.records import read_supervisor_info
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.daemon.tasks import cancel_and_wait, periodic
 from fetchml.errors import ConfigError, Conflict, FetchmlError, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from fetchml.daemon.cluster.registry import HostRecord
+    from fetchml.daemon.store.redis import RedisJobStore
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ def _live_supervisors(runs_dir: Path) -> list[tuple[int, int, int, float]]:
             if not job_dir.name.isdigit():
                 continue
             for run_dir in job_dir.iterdir():
-                if not run_dir.name.isdigit() or (run_dir / STATUS_FILE).exists():
+                if not run_dir.name.isdigit() or RunDir(run_dir).status.exists():
                     continue
                 info = read_supervisor_info(run_dir)
                 if info is not None and process_matches(info.pid, info.create_time):
@@ -120,6 +118,10 @@ class Cluster:
                  listen_url: str | None, inventory: HostInventory, objects: ObjectStore,
                  snapshots: ObjectStore, gc: GarbageCollector, events: JobEvents,
                  scheduler: Scheduler, runner: Runner, auth: Authenticator) -> None:
+        # here, not at the top: they import redis, which only a cluster's daemon loads
+        from fetchml.daemon.cluster.events import EventBridge
+        from fetchml.daemon.cluster.registry import HostRegistry
+
         s = settings
         self.store, self.inventory, self.events = store, inventory, events
         self.scheduler, self.runner, self.auth = scheduler, runner, auth
@@ -165,6 +167,8 @@ class Cluster:
                  self.address or "no address", len(self.hosts))
 
     def record(self) -> HostRecord:
+        from fetchml.daemon.cluster.registry import HostRecord
+
         inventory = self.inventory.to_dict()
         del inventory["name"]
         free = self.scheduler.free()

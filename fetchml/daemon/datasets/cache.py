@@ -30,7 +30,7 @@ from fetchml.cas.hashing import Hasher
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.materialize import materialize
 from fetchml.cas.objects import ObjectStore
-from fetchml.errors import FetchmlError
+from fetchml.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class DatasetCache:
                 self._discard(snapshot)
             missing = self.objects.missing(sorted(manifest.oids()))
             if missing:
-                raise FetchmlError(f"{len(missing)} objects of dataset {what} are not stored on "
-                                   "this host; push the dataset to this daemon again")
+                raise NotFound(f"{len(missing)} objects of dataset {what} are not stored on "
+                               "this host; push the dataset to this daemon again")
             try:
                 return self._write(snapshot, manifest, what)
             except OSError as exc:

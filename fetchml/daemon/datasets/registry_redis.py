@@ -9,22 +9,23 @@ fail and the step is retried from fresh reads, so two pushes never get the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from fetchml.daemon.datasets.registry import Change, DatasetRegistry, DatasetVersion
+from fetchml.daemon.store.redis_client import redis_client, redis_errors
 from fetchml.errors import InternalError, Unavailable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "fetchml:datasets:"
 MAX_RETRIES = 100  # optimistic transactions retried under contention before giving up
-SOCKET_TIMEOUT_S = 5.0  # as the job store: fail fast with `unavailable` rather than hang
 
 
 class RedisDatasetRegistry(DatasetRegistry):
@@ -34,9 +35,9 @@ class RedisDatasetRegistry(DatasetRegistry):
         self.url, self.prefix = url, prefix
         self._redis: aioredis.Redis | None = None
 
-    def _fail(self, exc: Exception) -> Unavailable:
-        return Unavailable(f"the dataset registry in Redis at {self.url} did not answer ({exc}); "
-                           "try again once Redis is back")
+    def _errors(self, *, connecting: bool = False) -> contextlib.AbstractContextManager[None]:
+        return redis_errors(f"the dataset registry in Redis at {self.url} did not answer",
+                            "try again once Redis is back", connecting=connecting)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -47,13 +48,9 @@ class RedisDatasetRegistry(DatasetRegistry):
     async def open(self) -> None:
         if self._redis is not None:
             return
-        try:
-            self._redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=SOCKET_TIMEOUT_S, decode_responses=True)
+        with self._errors(connecting=True):
+            self._redis = redis_client(self.url)
             await self._redis.ping()
-        except (RedisError, OSError, ValueError) as exc:
-            raise self._fail(exc) from exc
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -69,31 +66,25 @@ class RedisDatasetRegistry(DatasetRegistry):
                       key=lambda v: v.version)
 
     async def versions(self, name: str) -> list[DatasetVersion]:
-        try:
+        with self._errors():
             return self._decode(await self.redis.hgetall(self._key(name)))
-        except (RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
 
     async def all_versions(self) -> list[DatasetVersion]:
-        try:
+        with self._errors():
             names = sorted(await self.redis.smembers(self.prefix + "names"))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.hgetall(self._key(str(name)))
                 hashes = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
         return [v for raw in hashes for v in self._decode(raw)]
 
     async def generation(self) -> int:
-        try:
+        with self._errors():
             return int(await self.redis.get(self.prefix + "generation") or 0)
-        except (RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
 
     async def _write(self, name: str, change: Change) -> Any:
         key = self._key(name)
-        try:
+        with self._errors():
             async with self.redis.pipeline(transaction=True) as transaction:
                 pipe: Any = transaction  # redis' pipeline methods are untyped
                 for _ in range(MAX_RETRIES):
@@ -110,7 +101,5 @@ class RedisDatasetRegistry(DatasetRegistry):
                         return result
                     except WatchError:
                         continue
-        except (RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
         raise InternalError(f"dataset {name} changed {MAX_RETRIES} times while being written; "
                             "try again")

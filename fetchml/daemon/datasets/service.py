@@ -42,12 +42,12 @@ from fetchml.daemon.datasets.registry import (
 )
 from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
 from fetchml.daemon.store.contract import JobStore
+from fetchml.daemon.supervise.rundir import DATA_DIR, RunDir
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
 from fetchml.protocol.ops_datasets import DatasetRef, parse_ref
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"  # in a run directory: $FETCHML_DATA_DIR, one symlink per dataset
 MAX_DATASETS_PER_JOB = 32
 # Shared registries: how often a daemon looks for changes made by the others (one GET).
 REFRESH_S = 1.0
@@ -66,7 +66,7 @@ def stored_ref(text: str) -> DatasetRef:
     """A job's stored ``NAME@V[:MOUNT]``."""
     ref = parse_ref(text)
     if ref.version is None:
-        raise FetchmlError(f"dataset reference {text!r} has no version; queue the job again")
+        raise BadRequest(f"dataset reference {text!r} has no version; queue the job again")
     return ref
 
 
@@ -274,8 +274,8 @@ class DatasetService:
             assert ref.version is not None
             version = await self.version(ref.name, ref.version)
             if version.state == REMOVED:
-                raise FetchmlError(f"dataset {version.ref} was removed after the job was "
-                                   "queued; queue it again with another version")
+                raise NotFound(f"dataset {version.ref} was removed after the job was "
+                               "queued; queue it again with another version")
             if self.fetch is not None:
                 await self.fetch(version.snapshot)
             await self._cached(version)
@@ -302,31 +302,31 @@ class DatasetService:
         try:
             data = self.snapshots.read_bytes(version.snapshot)
         except NotFound:
-            raise FetchmlError(f"dataset {version.ref} is not stored on this host; push it to "
-                               "this daemon again") from None
+            raise NotFound(f"dataset {version.ref} is not stored on this host; push it to "
+                           "this daemon again") from None
         return self.cache.ensure(version.snapshot, SnapshotManifest.decode(data), version.ref)
 
     def environment(self, job: Job, run_dir: Path) -> Mapping[str, str]:
-        return {"FETCHML_DATA_DIR": str(run_dir / DATA_DIR)} if job.datasets else {}
+        return {"FETCHML_DATA_DIR": str(RunDir(run_dir).data)} if job.datasets else {}
 
     def workspace(self, job: Job, run_dir: Path) -> None:
         """Link each dataset's cache into the attempt (blocking)."""
         if not job.datasets:
             return
-        os.mkdir(run_dir / DATA_DIR, 0o755)
+        os.mkdir(RunDir(run_dir).data, 0o755)
         for text in job.datasets:
             ref = stored_ref(text)
             version = self._known.get(ref.label)
             if version is None:
-                raise FetchmlError(f"dataset {ref.label} is unknown to this daemon; queue the "
-                                   "job again")
+                raise NotFound(f"dataset {ref.label} is unknown to this daemon; queue the "
+                               "job again")
             cache = self.cache.path(version.snapshot)
             if not self.cache.is_cached(version.snapshot):  # removed since before_prepare
                 cache = self._materialise(version)
             if ref.mount is None:
-                os.symlink(cache, run_dir / DATA_DIR / ref.name)
+                os.symlink(cache, RunDir(run_dir).data / ref.name)
             else:
-                link_into_workspace(run_dir / "work", ref.mount, cache, version.ref)
+                link_into_workspace(RunDir(run_dir).work, ref.mount, cache, version.ref)
 
 
 def link_into_workspace(work: Path, mount: str, target: Path, what: str) -> None:
@@ -340,12 +340,12 @@ def link_into_workspace(work: Path, mount: str, target: Path, what: str) -> None
             os.mkdir(here, 0o755)
         except FileExistsError:
             if here.is_symlink() or not here.is_dir():
-                raise FetchmlError(f"dataset {what} cannot be mounted at {mount}: "
-                                   f"{here.relative_to(work)} is not a directory of the "
-                                   "snapshot; choose another mount point") from None
+                raise BadRequest(f"dataset {what} cannot be mounted at {mount}: "
+                                 f"{here.relative_to(work)} is not a directory of the "
+                                 "snapshot; choose another mount point") from None
     try:
         os.symlink(target, here / name)
     except FileExistsError:
-        raise FetchmlError(f"dataset {what} cannot be mounted at {mount}: the snapshot has "
-                           "that path already; choose another mount point") from None
+        raise BadRequest(f"dataset {what} cannot be mounted at {mount}: the snapshot has "
+                         "that path already; choose another mount point") from None
 

@@ -18,8 +18,7 @@ from fetchml.daemon.cluster.membership import is_peer
 from fetchml.daemon.handlers import Call, handles
 from fetchml.daemon.handlers.jobs import visible_job
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
-from fetchml.daemon.jobs.runner import logs_path
-from fetchml.daemon.store.redis import RedisJobStore
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.errors import NotFound, Unavailable
 from fetchml.protocol import ops
 
@@ -61,8 +60,8 @@ async def _remote_host(call: Call[Any], job: Job, attempt: int) -> str | None:
             or core.runner.run_dir(job.id, attempt).exists()):
         return None
     host = job.host if job.attempt == attempt else None
-    if host is None and isinstance(core.jobs, RedisJobStore):
-        host = await core.jobs.attempt_host(job.id, attempt)
+    if host is None:  # a cluster's store is Redis, which records each attempt's host
+        host = await core.cluster.store.attempt_host(job.id, attempt)
     return host if host and host != core.cluster.name else None
 
 
@@ -85,7 +84,7 @@ async def _follow_local(call: Call[Any], pos: _Position, follow: bool, fixed: bo
     refresh_at = time.monotonic() + REFRESH_S
     with call.core.events.subscribe() as sub:
         while True:
-            path = logs_path(runner.run_dir(pos.job.id, pos.attempt))
+            path = RunDir(runner.run_dir(pos.job.id, pos.attempt)).log
             data = _read_from(path, pos.offset) if pos.attempt else b""
             if data:
                 await call.emit("log", data)

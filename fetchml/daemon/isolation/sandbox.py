@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fetchml.daemon.supervise.rundir import OUTPUTS_DIR, PRIVATE_FILES, WORK_DIR, RunDir
 from fetchml.errors import BadRequest
 
 # The system a sandboxed job sees, read-only; home directories, /root, /srv, /mnt, /media,
@@ -29,9 +30,6 @@ GPU_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"
 CDI_SPECS = ("/etc/cdi/nvidia.yaml", "/var/run/cdi/nvidia.yaml", "/etc/cdi/nvidia.json",
              "/var/run/cdi/nvidia.json")
 BWRAP_WRAPPER_DEPTH = 2  # bwrap, then its pid 1 in the new pid namespace, then the command
-PODMAN_ENV_FILE = "podman.env"  # in the run directory
-PRIVATE_RUN_FILES = frozenset({PODMAN_ENV_FILE, "spec.json", "supervisor.json", "status.json",
-                               "output.log", "output.idx", "supervisor.log"})
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -45,11 +43,11 @@ class Layout:
 
     @property
     def work(self) -> Path:
-        return self.run_dir / "work"
+        return RunDir(self.run_dir).work
 
     @property
     def outputs(self) -> Path:
-        return self.run_dir / "outputs"
+        return RunDir(self.run_dir).outputs
 
     @property
     def datasets(self) -> Path:
@@ -57,12 +55,12 @@ class Layout:
 
     def read_only_views(self) -> list[Path]:
         """Directories of the run besides work and outputs (the dataset links' data/)."""
-        return [p for p in self._entries() if p.name not in ("work", "outputs") and p.is_dir()]
+        return [p for p in self._entries() if p.name not in (WORK_DIR, OUTPUTS_DIR) and p.is_dir()]
 
     def job_files(self) -> list[Path]:
         """Files made for the job in its run directory before it starts (a metrics file it
         appends to): writable. The supervisor's own files do not exist yet."""
-        return [p for p in self._entries() if p.is_file() and p.name not in PRIVATE_RUN_FILES]
+        return [p for p in self._entries() if p.is_file() and p.name not in PRIVATE_FILES]
 
     def _entries(self) -> list[Path]:
         try:
@@ -158,7 +156,7 @@ def podman_argv(options: PodmanOptions, layout: Layout, argv: Sequence[str],
     no new privileges and a read-only root."""
     args = [options.podman, "run", "--rm", "--init", f"--name={options.name}",
             "--cap-drop=all", "--security-opt=no-new-privileges", "--read-only",
-            f"--env-file={layout.run_dir / PODMAN_ENV_FILE}", f"--workdir={layout.cwd}",
+            f"--env-file={RunDir(layout.run_dir).podman_env}", f"--workdir={layout.cwd}",
             f"--volume={layout.work}:{layout.work}:rw",
             f"--volume={layout.outputs}:{layout.outputs}:rw"]
     if options.rootless:

@@ -34,7 +34,6 @@ from fetchml.config import DaemonSettings
 from fetchml.daemon.isolation import cgroups
 from fetchml.daemon.isolation.sandbox import (
     BWRAP_WRAPPER_DEPTH,
-    PODMAN_ENV_FILE,
     SYSTEM_PATHS,
     Layout,
     PodmanOptions,
@@ -44,7 +43,8 @@ from fetchml.daemon.isolation.sandbox import (
     podman_env_file,
 )
 from fetchml.daemon.jobs.model import Job, JobState
-from fetchml.daemon.supervise.records import SPEC_FILE, RunSpec
+from fetchml.daemon.supervise.records import RunSpec
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.errors import BadRequest, ConfigError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Isolation:
             log.warning("job %d: memory %d bytes is too small to enforce; not limited",
                         job.id, memory)
             memory = None
-        outputs = str(run_dir / "outputs")
+        outputs = str(RunDir(run_dir).outputs)
         cpus = self.cpus.take(job.id, job.attempt, job.resources.cpus)
         spec = replace(spec, max_log_bytes=s.job_max_log_bytes, cpu_affinity=cpus,
                        max_output_bytes=s.job_max_output_bytes, output_dir=outputs)
@@ -193,7 +193,7 @@ class Isolation:
                 cpus: tuple[int, ...] | None) -> RunSpec:
         assert self.podman is not None
         name = f"fetchml-{self.tree.tag}-{job.id}-{job.attempt}"
-        env_file = layout.run_dir / PODMAN_ENV_FILE
+        env_file = RunDir(layout.run_dir).podman_env
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(podman_env_file(spec.env))
@@ -237,7 +237,7 @@ class Isolation:
 def _affinity_of(run_dir: Path) -> tuple[int, ...] | None:
     """The CPUs a running attempt was pinned to, from its spec.json."""
     try:
-        spec = RunSpec.from_dict(json.loads((run_dir / SPEC_FILE).read_bytes()))
+        spec = RunSpec.from_dict(json.loads(RunDir(run_dir).spec.read_bytes()))
     except (OSError, ValueError, BadRequest):
         return None
     return spec.cpu_affinity

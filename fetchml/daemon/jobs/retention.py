@@ -15,7 +15,7 @@ from typing import Any
 
 from fetchml.daemon.jobs.model import TERMINAL_STATES, Job, JobState
 from fetchml.daemon.store.contract import JobStore
-from fetchml.errors import FetchmlError, NotFound
+from fetchml.errors import InternalError, NotFound
 
 PINS_NAME = "pins.json"
 
@@ -46,7 +46,7 @@ class Pins:
         except FileNotFoundError:
             raw = {}
         except (OSError, ValueError) as exc:
-            raise FetchmlError(f"{self.path} is unreadable ({exc}); fix or remove it") from exc
+            raise InternalError(f"{self.path} is unreadable ({exc}); fix or remove it") from exc
         # older files map a snapshot to the one name that pinned it
         self.by: dict[str, set[str]] = {
             snapshot: {users} if isinstance(users, str) else set(users)

@@ -36,20 +36,22 @@ from fetchml.daemon.jobs.inventory import HostInventory
 from fetchml.daemon.jobs.model import AttemptResult, Job, JobState
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.supervise.launcher import SupervisorLauncher
-from fetchml.daemon.supervise.records import (
-    SPEC_FILE,
-    RunSpec,
-    RunStatus,
+from fetchml.daemon.supervise.processes import (
     kill_orphaned_job,
     process_matches,
-    read_status,
-    read_supervisor_info,
     signal_supervisor,
     wait_process_exit,
+)
+from fetchml.daemon.supervise.records import (
+    RunSpec,
+    RunStatus,
+    read_status,
+    read_supervisor_info,
     write_json_atomic,
 )
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.daemon.tasks import cancel_and_wait
-from fetchml.errors import Conflict, FetchmlError, NotFound, Unavailable
+from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ class Runner:
         await self.launcher.close()
 
     def run_dir(self, job_id: int, attempt: int) -> Path:
-        return self.runs_dir / str(job_id) / str(attempt)
+        return RunDir.of(self.runs_dir, job_id, attempt).path
 
     def _spawn(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -209,7 +211,7 @@ class Runner:
             "FETCHML_JOB_ID": str(job.id),
             "FETCHML_ATTEMPT": str(job.attempt),
             "FETCHML_SNAPSHOT": job.snapshot,
-            "FETCHML_OUTPUT_DIR": str(run_dir / "outputs"),
+            "FETCHML_OUTPUT_DIR": str(RunDir(run_dir).outputs),
             "FETCHML_RUN_DIR": str(run_dir),
             "FETCHML_GPU_IDS": ",".join(str(g) for g in job.gpu_ids),
             "CUDA_VISIBLE_DEVICES": visible,
@@ -228,20 +230,20 @@ class Runner:
         with contextlib.suppress(FileExistsError):
             os.mkdir(run_dir.parent, 0o700)
         os.mkdir(run_dir, 0o700)
-        os.mkdir(run_dir / "outputs")
-        work = run_dir / "work"
+        os.mkdir(RunDir(run_dir).outputs)
+        work = RunDir(run_dir).work
         materialize(manifest, self.objects, work)
         cwd = work / job.workdir if job.workdir else work
         if job.workdir and (not cwd.is_dir() or cwd.is_symlink()):
-            raise FetchmlError(f"workdir {job.workdir!r} is not a directory of the snapshot; "
-                               "queue the job with a --workdir that exists")
+            raise BadRequest(f"workdir {job.workdir!r} is not a directory of the snapshot; "
+                             "queue the job with a --workdir that exists")
         for expose in self.hooks.workspace:
             expose(job, run_dir)
         spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir),
                        cwd=str(cwd), timeout=job.timeout, kill_grace=self.kill_grace)
         for rewrite in self.hooks.spec:
             spec = rewrite(spec, job, run_dir)
-        write_json_atomic(run_dir / SPEC_FILE, spec.to_dict())
+        write_json_atomic(RunDir(run_dir).spec, spec.to_dict())
 
     async def start(self, job: Job, claimed: Awaitable[Job | None] | None = None) -> None:
         """Start attempt ``job.attempt`` of ``job``; never raises (a failure is recorded).
@@ -303,8 +305,8 @@ class Runner:
                          max_file_size=OUTPUT_MAX_FILE)
         stored = dict(self.objects.put_files(scan.sources.values()))
         if set(stored) != set(scan.sources):
-            raise FetchmlError("outputs changed while they were being stored; the job's "
-                               "processes must stop writing them before they exit")
+            raise Conflict("outputs changed while they were being stored; the job's "
+                           "processes must stop writing them before they exit")
         manifest = scan.manifest
         if not self.snapshots.contains(manifest.snapshot_id):
             self.snapshots.put_bytes(manifest.encode())
@@ -323,9 +325,10 @@ class Runner:
         await asyncio.sleep(0)
         outputs = None
         # Outputs over their limit stay in the run directory: storing them is what it prevents.
-        if status.limit != "output" and not _is_empty_dir(run_dir / "outputs"):
+        outputs_dir = RunDir(run_dir).outputs
+        if status.limit != "output" and not _is_empty_dir(outputs_dir):
             try:
-                outputs = await asyncio.to_thread(self._ingest_outputs, run_dir / "outputs")
+                outputs = await asyncio.to_thread(self._ingest_outputs, outputs_dir)
             except (FetchmlError, OSError) as exc:
                 log.warning("job %d: outputs not stored: %s", job.id, exc)
         # finished when its processes ended, not when the daemon got round to recording it
@@ -394,7 +397,7 @@ class Runner:
         if info is not None:
             return info.pid, info.create_time
         # Before it writes supervisor.json, a supervisor is the one holding spec.json locked.
-        holder = lock_holder(run_dir / SPEC_FILE)
+        holder = lock_holder(RunDir(run_dir).spec)
         if holder is not None:
             try:
                 return holder, psutil.Process(holder).create_time()
@@ -437,7 +440,7 @@ class Runner:
     async def _resume(self, job: Job, run_dir: Path) -> None:
         """An attempt with no supervisor on record: find the one starting, or start it."""
         deadline = time.monotonic() + ADOPT_GRACE_S
-        while (run_dir / SPEC_FILE).exists() and time.monotonic() < deadline:
+        while RunDir(run_dir).spec.exists() and time.monotonic() < deadline:
             supervisor = self._supervisor_of(run_dir)
             if supervisor is not None and process_matches(*supervisor):
                 cancelled = self._starting.pop(job.id, False)
@@ -458,14 +461,3 @@ class Runner:
             return
         log.info("job %d attempt %d was never launched; launching it now", job.id, job.attempt)
         await self.start(job)
-
-
-def logs_path(run_dir: Path) -> Path:
-    return run_dir / "output.log"
-
-
-def attempt_dirs(runs_dir: Path, job_id: int) -> list[Path]:
-    base = runs_dir / str(job_id)
-    if not base.is_dir():
-        return []
-    return sorted((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))

@@ -34,13 +34,12 @@ from fetchml.daemon.observe.series import (
     read_series_file,
     write_series_file,
 )
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.daemon.tasks import cancel_and_wait, periodic
 
 log = logging.getLogger(__name__)
 
 METRICS_ENV = "FETCHML_METRICS_FILE"
-METRICS_FILE = "metrics.jsonl"  # what the job writes, in its run directory
-SERIES_FILE = "metrics.msgpack"  # the daemon's bounded copy, written when the attempt ends
 POLL_S = 0.2  # how often running attempts' files are looked at: new points show within this
 FEED_BACKLOG = 256  # batches a follower may lag behind before it is sent the whole series again
 
@@ -113,10 +112,10 @@ class MetricsTracker:
         """Create the attempt's metrics file empty, so that a sandbox can mount it writable
         (blocking; the run directory was just made)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(run_dir / METRICS_FILE, flags, 0o644))
+        os.close(os.open(RunDir(run_dir).metrics, flags, 0o644))
 
     def environment(self, job: Job, run_dir: Path) -> Mapping[str, str]:
-        return {METRICS_ENV: str(run_dir / METRICS_FILE)}
+        return {METRICS_ENV: str(RunDir(run_dir).metrics)}
 
     # -- job changes ------------------------------------------------------------------------
     def job_changed(self, job: Job) -> None:
@@ -135,7 +134,7 @@ class MetricsTracker:
     def follow(self, job: Job) -> AttemptTail:
         run_dir = self.run_dir_of(job.id, job.attempt)
         tail = AttemptTail(AttemptMetrics(job.id, job.attempt, self.capacity),
-                           run_dir / METRICS_FILE)
+                           RunDir(run_dir).metrics)
         self.active[job.id] = tail
         self._publish(FeedItem(job.id, job.attempt, "reset"))
         return tail
@@ -172,7 +171,7 @@ class MetricsTracker:
             async with tail.lock:
                 await self._advance(tail, final=True)
                 if metrics.records or metrics.malformed:
-                    path = tail.path.with_name(SERIES_FILE)
+                    path = RunDir(tail.path.parent).series
                     await asyncio.to_thread(write_series_file, path, tail.metrics)
         except OSError as exc:
             log.warning("job %d: metrics not kept: %s", metrics.job_id, exc)
@@ -225,17 +224,17 @@ class MetricsTracker:
         if tail is not None:
             return StoredMetrics.of(tail.metrics)
         run_dir = self.run_dir_of(job.id, job.attempt)
-        stored = await asyncio.to_thread(read_series_file, run_dir / SERIES_FILE,
+        stored = await asyncio.to_thread(read_series_file, RunDir(run_dir).series,
                                          self.capacity)
         if stored is not None and stored.attempt == job.attempt:
             return stored
-        raw = run_dir / METRICS_FILE
+        raw = RunDir(run_dir).metrics
         if job.state is JobState.RUNNING or not await asyncio.to_thread(raw.is_file):
             return StoredMetrics.empty(job.attempt)  # running on another host, or none
         metrics = await asyncio.to_thread(metrics_of_file, raw, job.id, job.attempt,
                                           self.capacity)
         if job.state in TERMINAL_STATES and (metrics.records or metrics.malformed):
-            await asyncio.to_thread(write_series_file, run_dir / SERIES_FILE, metrics)
+            await asyncio.to_thread(write_series_file, RunDir(run_dir).series, metrics)
         return StoredMetrics.of(metrics)
 
     # -- the poll loop ----------------------------------------------------------------------

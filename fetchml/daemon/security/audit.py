@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fetchml.errors import FetchmlError
+from fetchml.errors import InternalError
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ class AuditLog:
                     os.close(fd)
                 self._write_head(entry["seq"], entry["hash"])
             except OSError as exc:
-                raise FetchmlError(f"cannot write the audit log {self.path}: {exc.strerror}; "
-                                   "check the disk and the log directory") from exc
+                raise InternalError(f"cannot write the audit log {self.path}: {exc.strerror}; "
+                                    "check the disk and the log directory") from exc
             self._seq, self._prev = entry["seq"], entry["hash"]
 
     def tail(self, count: int) -> list[dict[str, Any]]:

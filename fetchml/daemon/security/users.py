@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
+from fetchml.errors import BadRequest, Conflict, InternalError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def load_secret(state_dir: Path) -> bytes:
         log.info("created the daemon secret %s", path)
         return secret
     if len(secret) < 32:
-        raise FetchmlError(f"{path} is damaged (too short); restore it from a backup, or "
-                           "delete it and issue new API keys")
+        raise InternalError(f"{path} is damaged (too short); restore it from a backup, or "
+                            "delete it and issue new API keys")
     return secret
 
 
@@ -124,8 +124,8 @@ class UserRegistry:
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
-            raise FetchmlError(f"{self.path} is unreadable ({exc}); restore it from a backup"
-                               ) from exc
+            raise InternalError(f"{self.path} is unreadable ({exc}); restore it from a backup"
+                                ) from exc
         return [dict(item) for item in data.get("users", [])]
 
     def _save(self) -> None:

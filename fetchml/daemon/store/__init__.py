@@ -1,4 +1,8 @@
-"""Job stores: the JobStore contract and its implementations (SQLite, in-memory)."""
+"""Job stores: the JobStore contract and its implementations (SQLite, Redis, in-memory).
+
+``store.redis`` is imported only by ``open_job_store`` for a ``redis://`` store, so that a
+SQLite daemon never imports redis.
+"""
 
 from __future__ import annotations
 

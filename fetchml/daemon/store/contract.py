@@ -19,6 +19,8 @@ class JobStore(ABC):
     ``async with store:`` or between ``open()`` and ``close()``.
     """
 
+    shared = False  # whether other daemons use it too (then this daemon joins their cluster)
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self

@@ -36,13 +36,12 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ConstantBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from fetchml.daemon.jobs.model import AttemptResult, Claim, Job, JobSpec, JobState
 from fetchml.daemon.store import transitions
 from fetchml.daemon.store.contract import JobStore
+from fetchml.daemon.store.redis_client import redis_client, redis_errors
 from fetchml.daemon.store.transitions import JobTransaction
 from fetchml.errors import BadRequest, InternalError, Unavailable
 
@@ -50,14 +49,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_RETRIES = 100  # optimistic transactions retried under contention before giving up
-# A Redis that does not answer within this many seconds is treated as unreachable, so that
-# submits fail fast with `unavailable` rather than hang. Commands are small: even with
-# appendfsync always one answers in milliseconds.
-SOCKET_TIMEOUT_S = 3.0
-CONNECT_TIMEOUT_S = 2.0
-# One quick retry on a fresh connection: after a Redis restart the pooled connections are
-# dead, and the first command on each would fail otherwise. More would only delay `unavailable`.
-COMMAND_RETRY = Retry(ConstantBackoff(0.05), 1)
 HOST_SEEN = "host_seen"
 
 # KEYS: n job keys, state:queued, state:running, host_seen, then n attempt_hosts keys.
@@ -276,6 +267,8 @@ class _ClaimReadout(JobTransaction):
 
 
 class RedisJobStore(JobStore):
+    shared = True
+
     def __init__(self, url: str, *, prefix: str = "fetchml:", origin: str = "") -> None:
         self.url, self.prefix = url, prefix
         self.channel = prefix + "events"
@@ -290,16 +283,11 @@ class RedisJobStore(JobStore):
         return self._redis
 
     async def open(self) -> None:
-        try:
-            self._redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S, retry=COMMAND_RETRY,
-                decode_responses=True)
+        with redis_errors(f"cannot reach Redis at {self.url}", "start it or fix --store",
+                          connecting=True):
+            self._redis = redis_client(self.url)
             self._claim_script = self._redis.register_script(_CLAIM_LUA)
             config = await self._redis.config_get("append*")
-        except (RedisError, OSError, ValueError) as exc:
-            raise Unavailable(f"cannot reach Redis at {self.url} ({exc}); start it or fix "
-                              "--store") from exc
         if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
             log.warning("Redis at %s runs with appendonly=%s appendfsync=%s: acknowledged "
                         "jobs can be lost if its host crashes; set appendonly yes and "
@@ -316,11 +304,8 @@ class RedisJobStore(JobStore):
 
     async def call(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` (Redis commands), translating Redis and socket errors to Unavailable."""
-        try:
+        with redis_errors(f"Redis at {self.url} did not answer", "try again once it is back"):
             return await work()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis at {self.url} did not answer ({exc}); try again once it "
-                              "is back") from exc
 
     async def _transact(self, step: Callable[[JobTransaction], Awaitable[T]],
                         reserved: range | None = None) -> T:

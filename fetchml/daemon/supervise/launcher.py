@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 
-from fetchml.daemon.supervise.records import SPEC_FILE, SUPERVISOR_LOG
+from fetchml.daemon.supervise.rundir import SPEC_FILE, RunDir
 from fetchml.daemon.supervise.supervisor import WAKE_SIGNALS, read_to_end, run_supervisor, warm_up
 from fetchml.errors import BadRequest, FetchmlError, Unavailable, error_from_wire
 
@@ -130,7 +130,7 @@ def _parse_request(line: bytes) -> str:
         run_dir = None
     if not isinstance(run_dir, str) or not os.path.isabs(run_dir):
         raise BadRequest('a launch request must be {"run_dir": "/absolute/path"}')
-    if not os.path.isfile(os.path.join(run_dir, SPEC_FILE)):
+    if not RunDir(Path(run_dir)).spec.is_file():
         raise BadRequest(f"{run_dir} has no {SPEC_FILE}; write it before launching")
     return run_dir
 
@@ -207,7 +207,7 @@ def _become_supervisor(run_dir_pipe: int) -> NoReturn:
         run_dir = read_to_end(run_dir_pipe).decode()
         if run_dir:  # else the launcher exited without work for us
             # delay=True: a supervisor with nothing to say leaves no file behind.
-            diagnostics = logging.FileHandler(Path(run_dir) / SUPERVISOR_LOG, delay=True)
+            diagnostics = logging.FileHandler(RunDir(Path(run_dir)).supervisor_log, delay=True)
             diagnostics.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             root.addHandler(diagnostics)
             code = run_supervisor(Path(run_dir))

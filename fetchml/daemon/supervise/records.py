@@ -1,9 +1,8 @@
-"""A run directory's records, and the daemon's view of the processes they name.
+"""A run directory's records: how to run the attempt and what became of it.
 
 The daemon writes ``spec.json`` (``RunSpec``); the per-job supervisor writes
 ``supervisor.json`` (``SupervisorInfo``) once the job started and ``status.json``
-(``RunStatus``) last of all. Processes are named by pid *and* create time, so a reused pid
-never passes for a job or supervisor that is gone.
+(``RunStatus``) last of all. ``processes`` checks the processes they name.
 
 This module stays light (no asyncio at import time): the supervisor imports it too, and every
 module the launcher carries makes each of its forks dearer.
@@ -11,56 +10,31 @@ module the launcher carries makes each of its forks dearer.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import math
 import os
 import resource
-import signal
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import psutil
-
+from fetchml.daemon.supervise.rundir import DEFAULT_LOG, STATUS_FILE, SUPERVISOR_FILE, RunDir
 from fetchml.errors import BadRequest
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-SPEC_FILE = "spec.json"
-SUPERVISOR_FILE = "supervisor.json"
-STATUS_FILE = "status.json"
-SUPERVISOR_LOG = "supervisor.log"
-INDEX_FILE_SUFFIX = ".idx"  # output.log -> output.idx
-DEFAULT_LOG = "output.log"
 DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, like systemd's default
 DEFAULT_UMASK = 0o022
 REASONS = frozenset({"exited", "timeout", "cancelled", "spawn_failed", "limit"})
 # Which limit stopped a job whose reason is "limit".
 LIMITS = frozenset({"memory", "processes", "log", "output"})
-# psutil adds the boot time, read in whole seconds from /proc/stat, to a process's start tick;
-# that boot time moves by a second when the wall clock is stepped or slewed across a second,
-# so two readings of one process may differ by 1 s. No pid is reused within 1.5 s anyway.
-CREATE_TIME_TOLERANCE = 1.5
-EXIT_POLL_INTERVAL = 0.05  # seconds between two looks where pidfd_open is unavailable
-
-
-class ProcessRef(Protocol):
-    """Anything naming one exact process: a launcher's handle, a SupervisorInfo."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def create_time(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -305,136 +279,14 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 def read_status(run_dir: Path) -> RunStatus | None:
     """The attempt's final status, or None while there is none (or it is unreadable)."""
-    data = _read_json(Path(run_dir) / STATUS_FILE)
+    data = _read_json(RunDir(Path(run_dir)).status)
     return None if data is None else _parse(RunStatus.from_dict, data, run_dir)
 
 
 def read_supervisor_info(run_dir: Path) -> SupervisorInfo | None:
     """Who supervises the attempt, or None before the job started (or if unreadable)."""
-    data = _read_json(Path(run_dir) / SUPERVISOR_FILE)
+    data = _read_json(RunDir(Path(run_dir)).supervisor)
     return None if data is None else _parse(SupervisorInfo.from_dict, data, run_dir)
-
-
-def process_matches(pid: int, create_time: float) -> bool:
-    """Whether that exact process (not a later one with its pid) is alive; zombies are not."""
-    try:
-        process = psutil.Process(pid)
-        with process.oneshot():
-            started = process.create_time()
-            zombie = process.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-    return not zombie and abs(started - create_time) < CREATE_TIME_TOLERANCE
-
-
-async def wait_process_exit(pid: int, create_time: float) -> None:
-    """Return once that exact process is gone; it need not be a child of this process."""
-    import asyncio  # here, not at the top: the supervisor and launcher import this module
-
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    except OSError:  # no pidfd (old kernel, seccomp): poll
-        while True:
-            if not process_matches(pid, create_time):
-                return
-            await asyncio.sleep(EXIT_POLL_INTERVAL)
-    try:
-        # Checked after opening: the fd pins this process, so a match cannot go stale.
-        if not process_matches(pid, create_time):
-            return
-        loop = asyncio.get_running_loop()
-        gone: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, _resolve, gone)
-        try:
-            await gone
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
-
-
-def signal_supervisor(target: ProcessRef | int, create_time: float | None, sig: int) -> bool:
-    """Send ``sig`` to that exact process; return False (and do nothing) if it is gone."""
-    if isinstance(target, int):
-        if create_time is None:
-            raise BadRequest("signalling a bare pid needs its create time; pass the handle")
-        pid = target
-    else:
-        pid, create_time = target.pid, target.create_time
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    except OSError:  # no pidfd: a small window for pid reuse remains
-        if not process_matches(pid, create_time):
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-            return True
-        return False
-    try:
-        if not process_matches(pid, create_time):
-            return False
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(pidfd)
-    return True
-
-
-def kill_orphaned_job(info: SupervisorInfo) -> bool:
-    """SIGKILL the job's process group after its supervisor vanished without a status.
-
-    Returns whether a living process was killed. Does nothing while the supervisor itself is
-    alive: it ends the job and writes the status itself.
-    """
-    if process_matches(info.pid, info.create_time):
-        return False
-    # The job leads its group (job_pgid == job_pid). A zombie leader still holds the number;
-    # a different process with that pid means the group is gone, since Linux does not hand
-    # out a number still used as a group id.
-    leader_started = _create_time_of(info.job_pgid)
-    if leader_started is not None and abs(leader_started - info.job_create_time) >= (
-        CREATE_TIME_TOLERANCE
-    ):
-        return False
-    if not _group_has_living_members(info.job_pgid):
-        return False
-    try:
-        os.killpg(info.job_pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    except PermissionError as exc:
-        logger.warning("cannot kill process group %d: %s", info.job_pgid, exc.strerror)
-        return False
-    logger.info("killed process group %d of an orphaned job", info.job_pgid)
-    return True
-
-
-def _create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _group_has_living_members(pgid: int) -> bool:
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (OSError, psutil.Error):
-            continue
-    return False
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
 
 def _read_json(path: Path) -> object | None:
     try:

@@ -38,16 +38,8 @@ from fetchml.daemon.supervise.job_limits import (
     remove_cgroups,
     sandbox_wrappers,
 )
-from fetchml.daemon.supervise.records import (
-    INDEX_FILE_SUFFIX,
-    SPEC_FILE,
-    STATUS_FILE,
-    SUPERVISOR_FILE,
-    RunSpec,
-    RunStatus,
-    SupervisorInfo,
-    write_json_atomic,
-)
+from fetchml.daemon.supervise.records import RunSpec, RunStatus, SupervisorInfo, write_json_atomic
+from fetchml.daemon.supervise.rundir import SPEC_FILE, SUPERVISOR_FILE, RunDir, index_of
 from fetchml.daemon.supervise.spawn import SpawnFailure, exec_failure, find_executable, spawn_job
 from fetchml.daemon.supervise.spawn import read_to_end as read_to_end  # the launcher's too
 from fetchml.errors import BadRequest
@@ -79,9 +71,9 @@ def run_supervisor(run_dir: Path) -> int:
     _become_subreaper()
     started_at = time.time()
     try:
-        spec_fd = os.open(run_dir / SPEC_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        spec_fd = os.open(RunDir(run_dir).spec, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        logger.error("cannot open %s: %s", run_dir / SPEC_FILE, exc.strerror)
+        logger.error("cannot open %s: %s", RunDir(run_dir).spec, exc.strerror)
         return 1
     if not _lock(spec_fd):
         logger.error("%s is already run by another supervisor", run_dir)
@@ -108,7 +100,7 @@ def run_supervisor(run_dir: Path) -> int:
         return _finish(run_dir, _failed_status(spawned.error, spawned.exit_code, started_at))
     watch = _JobWatch(spec, run_dir, log_fd, spawned, started_at, inherited_rss)
     try:
-        write_json_atomic(run_dir / SUPERVISOR_FILE, asdict(watch.info()))
+        write_json_atomic(RunDir(run_dir).supervisor, asdict(watch.info()))
     except OSError as exc:  # the job runs regardless; only re-adoption by a new daemon suffers
         logger.error("cannot write %s: %s", SUPERVISOR_FILE, exc)
     status = watch.run()
@@ -139,9 +131,9 @@ def warm_up() -> None:
 
 def _finish(run_dir: Path, status: RunStatus) -> int:
     try:
-        write_json_atomic(run_dir / STATUS_FILE, status.to_dict())
+        write_json_atomic(RunDir(run_dir).status, status.to_dict())
     except OSError as exc:
-        logger.error("cannot write %s: %s", run_dir / STATUS_FILE, exc)
+        logger.error("cannot write %s: %s", RunDir(run_dir).status, exc)
         return 1
     return 0
 
@@ -200,7 +192,7 @@ class _JobWatch:
         self.spec = spec
         self.inherited_rss = inherited_rss  # KiB, as ru_maxrss
         self.log_fd = log_fd
-        self.index_path = (run_dir / spec.log).with_suffix(INDEX_FILE_SUFFIX)
+        self.index_path = index_of(run_dir / spec.log)
         self.index_fd: int | None = None
         self.indexed_size = 0
         self.job_pid = job_pid
