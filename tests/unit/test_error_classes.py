@@ -15,7 +15,7 @@ from fetchml.cas.scan import scan_tree
 from fetchml.daemon.datasets.cache import DatasetCache
 from fetchml.daemon.datasets.service import link_into_workspace, stored_ref
 from fetchml.daemon.jobs.retention import Pins
-from fetchml.daemon.security.audit import AuditLog
+from fetchml.daemon.security.audit import AuditLog, audit_key
 from fetchml.daemon.security.users import UserRegistry, load_secret
 from fetchml.errors import BadRequest, FetchmlError, InternalError, NotFound
 
@@ -67,7 +67,7 @@ def test_damaged_state_files_are_internal_errors(tmp_path: Path) -> None:
 
 
 def test_an_audit_log_that_cannot_be_written_is_an_internal_error(tmp_path: Path) -> None:
-    audit = AuditLog(tmp_path / "audit" / "audit.log")
+    audit = AuditLog(tmp_path / "audit" / "audit.log", audit_key(b"s" * 32))
     audit.open()
     (tmp_path / "audit").chmod(0o500)
     try:

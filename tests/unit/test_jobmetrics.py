@@ -34,7 +34,8 @@ from fetchml.daemon.observe.series import (
     series_file_limit,
     write_series_file,
 )
-from fetchml.daemon.observe.training import SERIES_FILE, MetricsTracker
+from fetchml.daemon.observe.training import MetricsTracker
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.protocol.job import read_job
 
 
@@ -284,6 +285,6 @@ async def test_the_tracker_follows_a_running_attempt_and_keeps_its_series_when_i
             while (item := await asyncio.wait_for(feed.queue.get(), 5)).kind != "end":
                 pass
     assert tracker.current(7) is None
-    assert (run_dir_of(7, 1) / SERIES_FILE).is_file()
+    assert RunDir(run_dir_of(7, 1)).series.is_file()
     kept = await tracker.load(attempt(JobState.SUCCEEDED))
     assert list(kept.points["loss"][1]) == [0.5, 0.25]
