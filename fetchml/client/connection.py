@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fetchml import __version__
@@ -32,6 +32,9 @@ from fetchml.errors import (
     error_from_wire,
 )
 from fetchml.protocol import CLIENT_LIMITS, PROTOCOL_VERSION, decode, encode, ops
+
+if TYPE_CHECKING:
+    import ssl  # imported when used: only remote daemons need it, and it is slow to load
 
 log = logging.getLogger(__name__)
 _CLOSED = object()  # sentinel put on every waiting queue when the connection ends
@@ -186,6 +189,33 @@ class Connection:
         self.close()
 
 
+def tls_wrap(raw: socket.socket, context: ssl.SSLContext, hostname: str) -> ssl.SSLSocket:
+    """``raw`` after a TLS handshake; on failure every socket involved is closed.
+
+    CPython's SSLSocket leaks itself when the peer resets the connection before the
+    handshake (ssl.py's not-connected check re-raises without closing), as a daemon's gate
+    does to refused peers: that socket is found in the traceback and closed here."""
+    import ssl
+
+    try:
+        tls = context.wrap_socket(raw, server_hostname=hostname, do_handshake_on_connect=False)
+    except OSError as exc:
+        raw.close()
+        tb = exc.__traceback__
+        while tb is not None:
+            leaked = tb.tb_frame.f_locals.get("self")
+            if isinstance(leaked, ssl.SSLSocket):
+                leaked.close()
+            tb = tb.tb_next
+        raise
+    try:
+        tls.do_handshake()
+    except OSError:
+        tls.close()
+        raise
+    return tls
+
+
 def _open_socket(target: Target, timeout: float, ca_file: str | None
                  ) -> tuple[socket.socket, str, str, bool]:
     """Connect; returns (socket, host header, path, whether frames must be masked)."""
@@ -219,9 +249,8 @@ def _open_socket(target: Target, timeout: float, ca_file: str | None
 
         context = ssl.create_default_context(cafile=ca_file)
         try:
-            sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+            sock = tls_wrap(sock, context, parts.hostname)
         except (ssl.SSLError, OSError) as exc:
-            sock.close()
             raise DaemonUnreachable(
                 f"TLS handshake with {target.url} failed ({exc}); check the daemon's "
                 "certificate, or set ca_file (FETCHML_CA_FILE) to the CA that signed it"

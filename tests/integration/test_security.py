@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fetchml.client import Connection, Target, connect
+from fetchml.client.connection import tls_wrap
 from fetchml.errors import (
     DaemonUnreachable,
     FetchmlError,
@@ -109,7 +110,7 @@ def http_status(site: Site, headers: dict[str, str]) -> int:
         parts = urlsplit(site.url)
         raw = socket.create_connection((parts.hostname, parts.port), timeout=10)
         context = ssl.create_default_context(cafile=str(site.ca))
-        sock: socket.socket = context.wrap_socket(raw, server_hostname="localhost")
+        sock: socket.socket = tls_wrap(raw, context, "localhost")
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(site.daemon.socket))
