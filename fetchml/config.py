@@ -176,11 +176,18 @@ def _jsonable(value: Any, key: str, loaded: Loaded[Any]) -> Any:
     return value
 
 
+MAX_BYTES = 2**63 - 1  # what a job store and the wire carry
+
+
 def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not match:
         raise ValueError(f"{text!r} is not a size like 512M or 8GiB")
-    return int(match.group(1)) * _BYTE_UNITS[match.group(2)]
+    value = int(match.group(1)) * _BYTE_UNITS[match.group(2)]
+    if value > MAX_BYTES:
+        raise ValueError(f"{text.strip()[:40]!r} is more than any machine holds; give a size "
+                         "like 512M or 8GiB")
+    return value
 
 
 def parse_duration(text: str) -> float:
@@ -267,6 +274,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}; "
                           "check the path and its permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
+                          "as UTF-8") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

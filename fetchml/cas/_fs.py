@@ -94,5 +94,6 @@ def kernel_copy(src_fd: int, dst_fd: int) -> int | None:
 def translate_os_error(exc: OSError, doing: str) -> FetchmlError:
     """Turn an OSError into the fetchml error a user can act on; ``doing`` says what failed."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return Unavailable(f"the disk is full while {doing}; free some space or run fetchml gc")
+        return Unavailable(f"the disk is full while {doing}; free some space or run "
+                           "`fetchml prune`")
     return InternalError(f"{doing} failed: {exc.strerror or exc}; check the disk and retry")

@@ -34,7 +34,8 @@ def verify(cli: CliContext) -> None:
 
 
 @audit.command()
-@click.option("--tail", default=20, show_default=True, help="How many recent entries.")
+@click.option("--tail", default=20, show_default=True, type=click.IntRange(0, 10_000),
+              help="How many recent entries.")
 @json_option
 @pass_cli
 def show(cli: CliContext, tail: int) -> None:

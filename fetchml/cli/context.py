@@ -93,8 +93,19 @@ def json_option(fn: F) -> F:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
+# Control characters (a newline, an escape sequence) in names people chose are shown escaped,
+# so that they cannot break a table's lines or drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain left-aligned table, column widths from the content."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]

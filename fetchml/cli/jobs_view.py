@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from fetchml.cli.context import printable
 from fetchml.protocol.job import job_v1, read_job
 from fetchml.units import human_bytes
 
@@ -130,4 +131,4 @@ def detail_lines(raw: Mapping[str, Any], metrics: LastMetrics | None = None) -> 
         rows.insert(5, ("datasets", ", ".join(job["datasets"])))
     if job.get("after"):
         rows.insert(7, ("after", ", ".join(str(a) for a in job["after"])))
-    return [f"{key:<12} {value}" for key, value in rows]
+    return [f"{key:<12} {printable(value)}" for key, value in rows]

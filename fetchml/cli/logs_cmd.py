@@ -34,7 +34,8 @@ def follow_logs(cli: CliContext, job: str, *, follow: bool, attempt: int | None 
 @click.command()
 @click.argument("job")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the job ends.")
-@click.option("--attempt", type=click.IntRange(1), help="Attempt number (default: the latest).")
+@click.option("--attempt", type=click.IntRange(1, 10**6),
+              help="Attempt number (default: the latest).")
 @json_option
 @pass_cli
 def logs(cli: CliContext, job: str, follow: bool, attempt: int | None) -> None:

@@ -103,7 +103,7 @@ def comparison_table(jobs: list[dict[str, Any]], entries: list[dict[str, Any]]) 
 
 @click.command()
 @click.argument("jobs", nargs=-1, required=True)
-@click.option("--max-points", type=click.IntRange(1), help="At most this many points per "
+@click.option("--max-points", type=click.IntRange(1, 10**7), help="At most this many points per "
               "series (evenly spread, the last included).")
 @json_option
 @pass_cli

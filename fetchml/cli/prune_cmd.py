@@ -24,7 +24,8 @@ def _duration(value: str | None, flag: str) -> float | None:
 @click.command()
 @click.option("--older-than", default="7d", show_default=True,
               help="Only jobs finished at least this long ago (0 for all).")
-@click.option("--keep", type=click.IntRange(0), help="Keep the N newest of the selected jobs.")
+@click.option("--keep", type=click.IntRange(0, 10**9),
+              help="Keep the N newest of the selected jobs.")
 @click.option("--state", "states", help="Only these final states, e.g. failed,cancelled.")
 @click.option("--user", help="Only this user's jobs (others' need the right role).")
 @click.option("--all", "all_users", is_flag=True, help="Everyone's jobs (needs the right role).")

@@ -31,7 +31,8 @@ def _list_args(all_users: bool, state: tuple[str, ...], user: str | None, limit:
 @click.option("--all", "all_users", is_flag=True, help="Everyone's jobs (needs the right role).")
 @click.option("--state", multiple=True, type=click.Choice(STATES), help="Only jobs in this state.")
 @click.option("--user", help="Only this user's jobs.")
-@click.option("--limit", default=50, show_default=True, help="At most this many jobs.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000),
+              help="At most this many jobs.")
 @click.option("--watch", is_flag=True, help="Keep the table up to date until Ctrl-C.")
 @json_option
 @pass_cli

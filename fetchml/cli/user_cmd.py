@@ -17,7 +17,8 @@ def user() -> None:
 @user.command()
 @click.argument("name")
 @click.option("--role", required=True, help="admin, researcher, analyst (or a configured role).")
-@click.option("--uid", type=int, help="Local uid that maps to this user on the Unix socket.")
+@click.option("--uid", type=click.IntRange(0, 2**32 - 2),
+              help="Local uid that maps to this user on the Unix socket.")
 @json_option
 @pass_cli
 def add(cli: CliContext, name: str, role: str, uid: int | None) -> None:

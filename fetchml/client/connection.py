@@ -25,6 +25,7 @@ from fetchml.client.websocket import (
     WebSocket,
 )
 from fetchml.errors import (
+    ConfigError,
     DaemonStopped,
     DaemonUnreachable,
     FetchmlError,
@@ -216,6 +217,17 @@ def tls_wrap(raw: socket.socket, context: ssl.SSLContext, hostname: str) -> ssl.
     return tls
 
 
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    import ssl  # only for remote daemons: keeps local start-up fast
+
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:  # a missing file, or one that holds no PEM certificate
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot use ca_file {ca_file} ({reason}); give a PEM file of the CA "
+                          "that signed the daemon's certificate") from exc
+
+
 def _open_socket(target: Target, timeout: float, ca_file: str | None
                  ) -> tuple[socket.socket, str, str, bool]:
     """Connect; returns (socket, host header, path, whether frames must be masked)."""
@@ -234,8 +246,10 @@ def _open_socket(target: Target, timeout: float, ca_file: str | None
     assert target.url is not None
     parts = urlsplit(target.url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise DaemonUnreachable(f"{target.url!r} is not a ws:// or wss:// URL; fix --url")
+        raise ConfigError(f"{target.url!r} is not a ws:// or wss:// URL; give "
+                          "--url wss://HOST:PORT/ws (or ws:// on loopback)")
     port = parts.port or (443 if parts.scheme == "wss" else 80)
+    context = _tls_context(ca_file) if parts.scheme == "wss" else None
     try:
         sock = socket.create_connection((parts.hostname, port), timeout=timeout)
     except OSError as exc:
@@ -244,13 +258,10 @@ def _open_socket(target: Target, timeout: float, ca_file: str | None
             "check the URL and that the daemon listens there"
         ) from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if parts.scheme == "wss":
-        import ssl  # only for remote daemons: keeps local start-up fast
-
-        context = ssl.create_default_context(cafile=ca_file)
+    if context is not None:
         try:
             sock = tls_wrap(sock, context, parts.hostname)
-        except (ssl.SSLError, OSError) as exc:
+        except OSError as exc:  # ssl.SSLError is an OSError
             raise DaemonUnreachable(
                 f"TLS handshake with {target.url} failed ({exc}); check the daemon's "
                 "certificate, or set ca_file (FETCHML_CA_FILE) to the CA that signed it"

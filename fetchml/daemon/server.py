@@ -43,9 +43,15 @@ MAX_UNIX_PATH = 107
 @contextlib.contextmanager
 def state_dir_lock(state_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the state dir for the daemon's lifetime."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        reason = ("it is not a directory" if state_dir.exists() and not state_dir.is_dir()
+                  else exc.strerror or str(exc))
+        raise ConfigError(f"cannot use state dir {state_dir} ({reason}); give "
+                          "--state-dir a directory this user can write") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

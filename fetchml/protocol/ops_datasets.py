@@ -62,6 +62,9 @@ def parse_ref(text: str, *, allow_mount: bool = True) -> DatasetRef:
         version = int(version_text)
     if colon and not allow_mount:
         raise BadRequest(f"{text[:120]!r} has a mount point; give NAME or NAME@VERSION here")
+    if colon and mount.startswith("/"):
+        raise BadRequest(f"{text[:120]!r} has an absolute mount point; write NAME@V:PATH with "
+                         "a path relative to the workspace")
     if colon and not mount.strip("/"):
         raise BadRequest(f"{text[:120]!r} has an empty mount point; write NAME@V:PATH with a "
                          "path inside the workspace")

@@ -118,8 +118,9 @@ async def _spec(call: Call[Any], raw: dict[str, Any], snapshot: str,
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise BadRequest("a job needs argv, a non-empty list of strings (the command to run)")
     workdir = raw.get("workdir") or ""
-    if not isinstance(workdir, str):
-        raise BadRequest("workdir must be a path inside the snapshot")
+    if not isinstance(workdir, str) or workdir.startswith("/"):
+        raise BadRequest(f"workdir {str(workdir)[:80]!r} must be a path relative to the "
+                         "project root, like src/train")
     workdir = validate_path(workdir.strip("/")) if workdir not in ("", ".") else ""
     retries = _number(raw.get("retries"), "retries", int, 0)
     if retries < 0:
