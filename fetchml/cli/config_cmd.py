@@ -16,10 +16,12 @@ def config() -> None:
 
 
 @config.command()
-@click.option("--daemon", "for_daemon", is_flag=True,
-              help="Show the daemon's settings instead of the CLI's.")
+@click.option("--daemon-config", "for_daemon", is_flag=True,
+              help="Show the settings a daemon started here would load (from --config, else "
+                   "/etc/fetchml/daemon.yaml, and FETCHML_* variables) instead of the CLI's; "
+                   "it does not ask a running daemon.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="Daemon config file (with --daemon).")
+              help="Daemon config file (with --daemon-config).")
 @json_option
 @pass_cli
 def show(cli: CliContext, for_daemon: bool, config_file: Path | None) -> None:

@@ -121,7 +121,8 @@ def detail_lines(raw: Mapping[str, Any], metrics: LastMetrics | None = None) -> 
         ("finished", rfc3339(job.get("finished_at")) or "-"),
         ("run time", elapsed(job) if job.get("started_at") else "-"),
         ("result", outcome(job)),
-        ("peak memory", human_bytes(job.get("peak_rss"))),
+        ("peak memory", human_bytes(job.get("peak_rss"))
+         + (" (all its processes, shared pages once)" if job.get("peak_rss") else "")),
         ("cpu time", f"{job['cpu_time']:.2f}s" if job.get("cpu_time") is not None else "-"),
         ("outputs", (job.get("outputs") or "-")[:12]),
     ]

@@ -102,8 +102,10 @@ def test_config_show_reports_sources(short_tmp: Path) -> None:
     document = json.loads(done.stdout)
     assert document["debounce"] == {"value": 1.0, "source": "env FETCHML_DEBOUNCE"}
     assert document["url"]["source"] == "default"
-    done = run_cli("config", "show", "--daemon", cwd=short_tmp, env=env)
+    done = run_cli("config", "show", "--daemon-config", cwd=short_tmp, env=env)
     assert "state_dir" in done.stdout and "SOURCE" in done.stdout
+    done = run_cli("config", "show", "--daemon", cwd=short_tmp, env=env)  # it never asked one
+    assert done.returncode == 2 and "No such option" in done.stderr
 
 
 def test_second_daemon_on_the_same_state_dir_refuses(daemon: DaemonProcess) -> None:

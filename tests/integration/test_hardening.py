@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import ssl
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -131,3 +133,40 @@ def test_the_units_raise_the_open_file_limit() -> None:
     units = Path(__file__).resolve().parents[2] / "fetchml" / "units"
     for name in ("fetchml.service", "fetchml-user.service"):
         assert re.search(r"^LimitNOFILE=65536$", (units / name).read_text(), re.M), name
+
+
+FORKED_READERS = """
+import os, time
+data = bytearray(150 * 2**20)  # touched: resident in the parent
+for i in range(0, len(data), 4096):
+    data[i] = 1
+children = []
+for _ in range(3):  # readers that share the parent's pages copy-on-write, as data loaders do
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(2.0)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_peak_memory_counts_shared_pages_once(short_tmp: Path) -> None:
+    """Four processes sharing 150 MiB have an RSS sum of 600 MiB but use 150 MiB."""
+    daemon = make_daemon(short_tmp).start()
+    try:
+        project = short_tmp / "project"
+        project.mkdir()
+        (project / "readers.py").write_text(FORKED_READERS)
+        queued = daemon.cli("queue", "--json", "--", sys.executable, "readers.py", cwd=project)
+        assert queued.returncode == 0, queued.stderr
+        job = json.loads(queued.stdout)["jobs"][0]["id"]
+        assert daemon.cli("wait", str(job), timeout=120).returncode == 0
+        with daemon.connect() as conn:
+            peak = conn.call("jobs.get", {"job": str(job)})["peak_rss"]
+        assert 150 * 2**20 <= peak < 300 * 2**20, peak
+        shown = daemon.cli("status", str(job)).stdout
+        assert "(all its processes, shared pages once)" in shown, shown
+    finally:
+        daemon.stop()

@@ -14,7 +14,7 @@ import pytest
 
 from fetchml.client import Connection
 from fetchml.client.transfer import sync_tree
-from fetchml.errors import BadRequest, NotFound
+from fetchml.errors import BadRequest, Conflict, NotFound
 from tests.conftest import DaemonProcess, make_daemon
 
 TERMINAL = {"succeeded", "failed", "cancelled", "lost"}
@@ -196,8 +196,11 @@ def test_after_holds_until_success_and_cancels_on_failure(short_tmp: Path) -> No
         assert skipped["reason"] == f"dependency {broken['id']} failed"
         assert chained["state"] == "cancelled"
         assert chained["reason"] == f"dependency {skipped['id']} was cancelled"
-        late = jobs.one(["true"], after=[str(broken["id"])])
-        assert late["state"] == "cancelled"  # its dependency had already failed
+        # a dependency that already failed can never succeed: refused, not queued cancelled
+        with pytest.raises(Conflict, match=f"job {broken['id']} already ended failed"):
+            jobs.one(["true"], after=[str(broken["id"])])
+        with pytest.raises(Conflict, match="already ended cancelled"):
+            jobs.one(["true"], after=[str(skipped["id"])])
         with pytest.raises(NotFound):
             jobs.one(["true"], after=["999999"])
         with pytest.raises(BadRequest, match="after must be a list"):

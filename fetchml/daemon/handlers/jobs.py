@@ -128,7 +128,14 @@ async def _spec(call: Call[Any], raw: dict[str, Any], snapshot: str,
     refs = raw.get("after") or []
     if not isinstance(refs, list) or not all(isinstance(r, str | int) for r in refs):
         raise BadRequest("after must be a list of job ids")
-    after = [(await visible_job(call, str(ref))).id for ref in refs]
+    after = []
+    for ref in refs:
+        before = await visible_job(call, str(ref))
+        if before.state in (JobState.FAILED, JobState.CANCELLED, JobState.LOST):
+            # it can never succeed, so this job could never start
+            raise Conflict(f"job {before.id} already ended {before.state.value}; requeue it, "
+                           "then queue this one --after the new job")
+        after.append(before.id)
     name = raw.get("name") or " ".join(argv)[:80]
     return JobSpec(
         name=name, owner=call.identity.user, snapshot=snapshot, argv=tuple(argv),

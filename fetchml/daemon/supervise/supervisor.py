@@ -338,7 +338,7 @@ class _JobWatch:
         for process in tree:
             try:
                 with process.oneshot():
-                    rss += process.memory_info().rss
+                    rss += _proportional_rss(process)
                     times = process.cpu_times()
             except psutil.Error:
                 continue  # exited meanwhile: its times now count in the reaper's children
@@ -377,6 +377,16 @@ class _JobWatch:
             cpu_time=round(max(self.cpu_time, reaped.ru_utime + reaped.ru_stime), 6),
             limit=self.limit,
         )
+
+
+def _proportional_rss(process: psutil.Process) -> int:
+    """The process's share of resident memory (PSS): pages it shares with others (a forked
+    data loader's copy-on-write heap, shared libraries) count once across the tree, as the
+    kernel charges them, not once per process as RSS would. RSS where PSS cannot be read."""
+    try:
+        return int(process.memory_full_info().pss)
+    except (psutil.AccessDenied, AttributeError):
+        return int(process.memory_info().rss)
 
 
 def main(argv: list[str] | None = None) -> int:
