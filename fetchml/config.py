@@ -125,7 +125,9 @@ class DaemonSettings:
     # -- isolation and per-job limits ----------------------------------------------------------
     isolation_choices: list[str] = setting([], "isolation modes users may ask for per job "
                                            "(besides the default)", "list")
-    job_network: bool = setting(True, "whether isolated jobs may use the network")
+    job_network: bool = setting(
+        False, "whether isolated jobs (bwrap, podman) that ask for it (queue --network) get "
+        "the network")
     podman_image: str = setting("docker.io/library/python:3.11-slim",
                                 "image podman-isolated jobs run in")
     job_max_processes: int | None = setting(None, "processes (threads) one job may have")

@@ -65,7 +65,7 @@ def build_jobs(command: list[str], *, name: str | None, priority: int | None,
                cpus: int | None, memory: str | None, gpus: int | None, timeout: str | None,
                retries: int | None, after: tuple[str, ...], env: tuple[str, ...],
                workdir: str | None, grid: tuple[str, ...], dataset: tuple[str, ...] = (),
-               isolation: str | None = None,
+               isolation: str | None = None, network: bool = False,
                labels: dict[str, str] | None = None) -> list[JobSubmission]:
     if not command:
         raise click.UsageError("give the command to run after --, e.g. "
@@ -83,6 +83,8 @@ def build_jobs(command: list[str], *, name: str | None, priority: int | None,
         base["workdir"] = workdir
     if isolation is not None:
         base["isolation"] = isolation
+    if network:
+        base["network"] = True
     try:
         if memory is not None:
             base["memory"] = parse_bytes(memory)
@@ -118,6 +120,9 @@ def queue_options(fn: Any) -> Any:
         click.option("--workdir", help="Directory inside the snapshot to run in."),
         click.option("--grid", multiple=True, metavar="K=V1,V2",
                      help="Sweep: one job per combination, {K} replaced in the command."),
+        click.option("--network", is_flag=True,
+                     help="Give the job the network inside its sandbox (bwrap, podman), where "
+                          "the daemon allows it (job_network)."),
         click.option("--isolation", type=click.Choice(["none", "bwrap", "podman"]),
                      help="Run in this sandbox, if the daemon allows it (default: its own)."),
         click.option("--dataset", multiple=True, metavar="NAME[@V][:MOUNT]",

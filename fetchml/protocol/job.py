@@ -33,6 +33,7 @@ class JobSubmission(TypedDict, total=False):
     labels: dict[str, str]
     datasets: list[str]  # NAME[@V][:MOUNT]
     isolation: str | None  # none, bwrap, podman; None: the daemon's default
+    network: bool  # the network inside a sandbox, where the daemon allows it
 
 
 SUBMIT_FIELDS: tuple[str, ...] = tuple(JobSubmission.__annotations__)
@@ -41,7 +42,7 @@ SUBMIT_FIELDS_DOC = (
     '{"argv": [str] (required), "name", "env": {str: str}, "workdir", "priority" (1-10), '
     '"cpus", "memory" (bytes), "gpus" (how many), "timeout" (s), "retries" (runs again after '
     'a failure), "after": [job id], "labels": {str: str}, "datasets": ["NAME[@V][:MOUNT]"], '
-    '"isolation": "none" | "bwrap" | "podman"}'
+    '"isolation": "none" | "bwrap" | "podman", "network": bool (inside a sandbox)}'
 )
 
 
@@ -66,6 +67,7 @@ class WireJob(TypedDict):
     labels: dict[str, str]
     datasets: list[str]  # resolved: NAME@V[:MOUNT]
     isolation: str | None
+    network: bool  # asked for the network inside a sandbox
     attempt: int  # 0 until it first starts
     reason: str | None
     created_at: float
@@ -86,9 +88,9 @@ WIRE_JOB_FIELDS: tuple[str, ...] = tuple(WireJob.__annotations__)
 WIRE_JOB_DOC = (
     '{"id", "name", "owner", "state", "priority", "snapshot", "argv", "env", "workdir", "cpus", '
     '"memory", "gpus" (how many), "timeout", "retries", "after", "labels", "datasets", '
-    '"isolation", "attempt", "reason", "created_at", "queued_at", "started_at", "finished_at", '
-    '"host", "gpu_ids" (indices given), "exit_code", "signal", "peak_rss", "cpu_time", '
-    '"outputs"}'
+    '"isolation", "network", "attempt", "reason", "created_at", "queued_at", "started_at", '
+    '"finished_at", "host", "gpu_ids" (indices given), "exit_code", "signal", "peak_rss", '
+    '"cpu_time", "outputs"}'
 )
 
 # The last protocol version whose sessions get jobs spelled as ``job_v1`` spells them.
@@ -118,5 +120,7 @@ def read_job(data: Mapping[str, Any]) -> WireJob:
         value = data.get(V1_NAMES.get(key, key))
         if key == "retries":
             value = max(0, (value or 1) - 1)
+        elif key == "network":  # older daemons had no such field: no network asked
+            value = bool(value)
         job[key] = value
     return cast(WireJob, job)

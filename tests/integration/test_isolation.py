@@ -205,13 +205,28 @@ def test_files_made_for_the_job_stay_writable_in_the_sandbox(jobs: Jobs) -> None
     assert '"loss": 1' in (jobs.run_dir(job) / "metrics.jsonl").read_text()
 
 
-def test_network_is_allowed_when_the_daemon_allows_it(short_tmp: Path, listener: int) -> None:
-    daemon = make_daemon(short_tmp, "--isolation", "bwrap").start()
+def test_a_sandboxed_job_has_the_network_only_when_allowed_and_asked(
+        short_tmp: Path, listener: int) -> None:
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {listener}), 3)"
+    daemon = make_daemon(short_tmp, "--isolation", "bwrap",  # job_network: its default
+                         FETCHML_ISOLATION_CHOICES="none").start()
     jobs = Jobs(daemon, short_tmp)
     try:
-        probe = f"import socket; socket.create_connection(('127.0.0.1', {listener}), 3)"
         job = jobs.run([PYTHON, "-c", probe])
-        assert job["state"] == "succeeded", jobs.log(job)
+        assert job["state"] == "failed" and not job["network"], jobs.log(job)
+        with pytest.raises(BadRequest, match="no network"):
+            jobs.submit([PYTHON, "-c", probe], network=True)
+        assert jobs.run([PYTHON, "-c", probe], network=True,  # no sandbox, nothing to deny
+                        isolation="none")["state"] == "succeeded"
+    finally:
+        jobs.close()
+        daemon.stop()
+    daemon = make_daemon(short_tmp, "--isolation", "bwrap", FETCHML_JOB_NETWORK="true").start()
+    jobs = Jobs(daemon, short_tmp)
+    try:
+        job = jobs.run([PYTHON, "-c", probe], network=True)
+        assert job["state"] == "succeeded" and job["network"], jobs.log(job)
+        assert jobs.run([PYTHON, "-c", probe])["state"] == "failed"  # allowed, not asked
     finally:
         jobs.close()
         daemon.stop()

@@ -110,9 +110,9 @@ def test_callers_name_ops_by_their_declaration(folder: str) -> None:
 # A job as protocol 1 spelled it, key for key: what old clients and `status --json` show.
 V1_KEYS = ["id", "name", "owner", "state", "priority", "snapshot", "argv", "env", "workdir",
            "cpus", "memory", "gpus_requested", "timeout", "max_attempts", "after", "labels",
-           "datasets", "isolation", "attempt", "reason", "created_at", "queued_at", "started_at",
-           "finished_at", "host", "gpus", "exit_code", "signal", "peak_rss", "cpu_time",
-           "outputs"]
+           "datasets", "isolation", "network", "attempt", "reason", "created_at", "queued_at",
+           "started_at", "finished_at", "host", "gpus", "exit_code", "signal", "peak_rss",
+           "cpu_time", "outputs"]
 
 
 def stored_job(**more: Any) -> Job:

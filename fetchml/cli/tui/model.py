@@ -140,6 +140,8 @@ def requeue_spec(raw: Mapping[str, Any]) -> JobSubmission:
         spec["datasets"] = list(job["datasets"])
     if job.get("isolation"):
         spec["isolation"] = job["isolation"]
+    if job.get("network"):
+        spec["network"] = True
     return spec
 
 

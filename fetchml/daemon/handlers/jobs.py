@@ -40,7 +40,8 @@ def job_to_wire(job: Job) -> WireJob:
         "memory": job.resources.memory, "gpus": job.resources.gpus,
         "timeout": job.timeout, "retries": job.max_attempts - 1, "after": list(job.after),
         "labels": dict(job.labels), "datasets": list(job.datasets),
-        "isolation": job.isolation, "attempt": job.attempt, "reason": job.reason,
+        "isolation": job.isolation, "network": job.network,
+        "attempt": job.attempt, "reason": job.reason,
         "created_at": job.created_at, "queued_at": job.queued_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
         "gpu_ids": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
@@ -137,6 +138,12 @@ async def _spec(call: Call[Any], raw: dict[str, Any], snapshot: str,
                            "then queue this one --after the new job")
         after.append(before.id)
     name = raw.get("name") or " ".join(argv)[:80]
+    isolation = job_isolation(call.core.settings, raw.get("isolation"))
+    network = raw.get("network", False)
+    if network is True and not call.core.settings.job_network and \
+            (isolation or call.core.settings.isolation) != "none":
+        raise BadRequest("this daemon gives sandboxed jobs no network (job_network: false); "
+                         "queue without --network, or ask an admin to allow it")
     return JobSpec(
         name=name, owner=call.identity.user, snapshot=snapshot, argv=tuple(argv),
         env=raw.get("env") or {}, workdir=workdir,
@@ -147,7 +154,7 @@ async def _spec(call: Call[Any], raw: dict[str, Any], snapshot: str,
         timeout=_number(raw.get("timeout"), "timeout", float, None),
         max_attempts=retries + 1, after=tuple(after), labels=raw.get("labels") or {},
         datasets=await _datasets(call, raw.get("datasets"), resolved),
-        isolation=job_isolation(call.core.settings, raw.get("isolation")),
+        isolation=isolation, network=network,
     )
 
 

@@ -160,7 +160,7 @@ class Isolation:
         spec = self._limits(spec, job, memory, wrapper)
         if mode == "bwrap":
             assert self.bwrap is not None
-            argv = bwrap_argv(self.bwrap, layout, spec.argv, network=s.job_network,
+            argv = bwrap_argv(self.bwrap, layout, spec.argv, network=s.job_network and job.network,
                               gpu_ids=job.gpu_ids)
             spec = replace(spec, argv=tuple(argv), wrapper_depth=wrapper)
         return spec
@@ -198,7 +198,8 @@ class Isolation:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(podman_env_file(spec.env))
         options = PodmanOptions(podman=self.podman, image=self.settings.podman_image, name=name,
-                                network=self.settings.job_network, rootless=os.geteuid() != 0,
+                                network=self.settings.job_network and job.network,
+                                rootless=os.geteuid() != 0,
                                 memory=memory, pids=self.settings.job_max_processes, cpus=cpus)
         self.containers[job.id] = name
         # podman itself gets the daemon's environment only: a job's variables must not

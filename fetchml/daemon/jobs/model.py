@@ -174,6 +174,7 @@ class JobSpec:
     # "NAME@VERSION:MOUNT" (MOUNT a path inside the workspace).
     datasets: tuple[str, ...] = ()
     isolation: str | None = None  # "none", "bwrap", "podman"; None: the daemon's default
+    network: bool = False  # asks for the network inside a sandbox (if the daemon allows it)
 
     def __post_init__(self) -> None:
         _str(self.name, "name")
@@ -196,6 +197,8 @@ class JobSpec:
         _set(self, "labels", _str_map(self.labels, "labels"))
         _set(self, "datasets", _str_tuple(self.datasets, "datasets"))
         _optional(_str, self.isolation, "isolation")
+        if not isinstance(self.network, bool):
+            raise BadRequest(f"network must be true or false, not {self.network!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON/msgpack-able types."""
