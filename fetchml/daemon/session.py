@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # How long in-flight requests may run on after the daemon is asked to stop, before they are
 # answered with "unavailable"; short, since systemd waits for us.
 SHUTDOWN_GRACE_S = 5.0
+# Chunk-sized payloads (cas.get's 4 MiB chunks) a connection may have read and queued at once:
+# a client that asks for many objects and reads slowly holds this much of the daemon's memory,
+# not a chunk per request.
+LARGE_SENDS = 4
 
 
 def audit(call: Call[Any], result: Any) -> None:
@@ -74,6 +78,7 @@ class Session:
         self.streams: set[int] = set()
         self._cancelled_streams: set[int] = set()
         self._send_lock = asyncio.Lock()
+        self.large_sends = asyncio.Semaphore(LARGE_SENDS)  # see LARGE_SENDS
         self._stopping = False
         self.protocol = 0
         # Per-connection state of handlers (e.g. uploads in progress) and how to release it.

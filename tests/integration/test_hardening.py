@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import ssl
@@ -168,5 +169,47 @@ def test_peak_memory_counts_shared_pages_once(short_tmp: Path) -> None:
         assert 150 * 2**20 <= peak < 300 * 2**20, peak
         shown = daemon.cli("status", str(job)).stdout
         assert "(all its processes, shared pages once)" in shown, shown
+    finally:
+        daemon.stop()
+
+
+def test_a_client_that_never_reads_holds_bounded_memory(short_tmp: Path) -> None:
+    """64 downloads of a 6 MiB object asked for and never read: the daemon keeps a few chunks
+    of them in memory, not every chunk of every request."""
+    import psutil
+
+    from fetchml.cas.hashing import hash_bytes
+    from fetchml.client.websocket import WebSocket
+    from fetchml.protocol import PROTOCOL_VERSION, encode
+
+    daemon = make_daemon(short_tmp).start()
+    try:
+        data = os.urandom(6 * 2**20)
+        oid = hash_bytes(data)
+        with daemon.connect() as conn:
+            half = 3 * 2**20
+            for offset in (0, half):
+                conn.call("cas.put", {"blobs": [{"oid": oid, "size": len(data),
+                                                 "offset": offset,
+                                                 "data": data[offset:offset + half]}]})
+        assert daemon.proc is not None
+        process = psutil.Process(daemon.proc.pid)
+        before = process.memory_info().rss
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(str(daemon.socket))
+            ws = WebSocket(sock, mask_frames=False, max_frame=64 * 2**20)
+            ws.handshake("localhost", "/ws", {})
+            ws.send_binary(encode({"id": 0, "op": "hello", "args": {"protocol":
+                                                                      PROTOCOL_VERSION}}))
+            for request in range(1, 65):
+                ws.send_binary(encode({"id": request, "op": "cas.get", "args": {"oid": oid}}))
+            peak = before
+            for _ in range(30):  # three seconds in which nothing is read
+                time.sleep(0.1)
+                peak = max(peak, process.memory_info().rss)
+        assert peak - before < 120 * 2**20, (before, peak)
+        with daemon.connect() as conn:  # and the daemon still serves others
+            assert conn.call("host.ping")["time"] > 0
     finally:
         daemon.stop()

@@ -132,8 +132,14 @@ async def cas_get(call: Call[ops.CasGetArgs]) -> dict[str, Any]:
     size = await asyncio.to_thread(store.size, oid)
     chunks: Iterator[bytes] = store.iter_chunks(oid, CHUNK_BYTES)
     try:
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            await call.emit("chunk", chunk)
+        while True:
+            # read and sent under the connection's budget: a reader that does not keep up
+            # holds a few chunks of our memory, whatever it asked for
+            async with call.session.large_sends:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    break
+                await call.emit("chunk", chunk)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
