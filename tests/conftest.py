@@ -49,7 +49,7 @@ _normalise_environment()
 def base_env(**extra: str) -> dict[str, str]:
     """The environment for daemons and CLI runs in tests: no stray FETCHML_* settings,
     no GPUs unless a test asks, and an isolated HOME so user config files never leak in."""
-    return clean_env(FETCHML_GPUS="", PYTHONUNBUFFERED="1", **extra)
+    return clean_env(**{"FETCHML_GPUS": "", "PYTHONUNBUFFERED": "1", **extra})
 
 
 class DaemonProcess(LocalDaemon):

@@ -135,12 +135,13 @@ class LocalDaemon:
         return connect(Target(socket_path=str(self.socket)), **kwargs)
 
     def cli(self, *args: str, cwd: Path | None = None, input: str | None = None,
-            env: Mapping[str, str] | None = None,
-            timeout: float | None = 60) -> subprocess.CompletedProcess[str]:
-        """``fetchml ARGS`` against this daemon, output captured; never raises on failure."""
+            env: Mapping[str, str] | None = None, timeout: float | None = 60,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        """``fetchml ARGS`` against this daemon, output captured; with ``check``, a non-zero
+        exit raises CalledProcessError."""
         return subprocess.run([*self.command, *args], cwd=cwd or self.cwd,
                               env=self.cli_env(**(env or {})), input=input,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+                              capture_output=True, text=True, timeout=timeout, check=check)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
         """Send ``sig`` and wait; returns the exit status. A daemon that outlives ``timeout``
