@@ -10,11 +10,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from fetchml.client.local_daemon import LocalDaemon, clean_env, throwaway_root
+
+__all__ = ["Daemon", "running_daemon", "throwaway_root"]
 
 # How long a daemon may take to create its socket before the benchmark gives up.
 DAEMON_START_TIMEOUT_S = 30.0
@@ -33,10 +35,7 @@ compile_fetchml()  # every benchmark imports this module
 
 def bench_env(**extra: str) -> dict[str, str]:
     """The caller's environment without stray FETCHML_* settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    env.update(FETCHML_GPUS="")
-    env.update(extra)
-    return env
+    return clean_env(**{"FETCHML_GPUS": "", **extra})
 
 
 def fetchml_command() -> list[str]:
@@ -45,62 +44,25 @@ def fetchml_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fetchml"]
 
 
-@dataclass
-class Daemon:
-    """A daemon running on a state directory; ``env`` points the CLI at it."""
-
-    state_dir: Path
-    proc: subprocess.Popen[bytes]
-    env: dict[str, str]
-
-    @property
-    def socket(self) -> Path:
-        return self.state_dir / "fetchml.sock"
-
-    def cli(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*fetchml_command(), *args], cwd=cwd, env=self.env,
-                              capture_output=True, text=True, check=True)
+# What the benchmarks call a daemon: fetchml's own throwaway-daemon helper.
+Daemon = LocalDaemon
 
 
 @contextlib.contextmanager
-def running_daemon(state_dir: Path, *args: str) -> Iterator[Daemon]:
-    """Start ``fetchml daemon`` on ``state_dir``; stopped (SIGTERM) on exit."""
-    socket = state_dir / "fetchml.sock"
-    env = bench_env(FETCHML_SOCKET=str(socket))
-    proc = subprocess.Popen(
-        [*fetchml_command(), "daemon", "--state-dir", str(state_dir), *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while not (socket.exists() and (state_dir / "daemon.json").exists()):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the daemon on {state_dir} did not start")
-            time.sleep(0.02)
-        yield Daemon(state_dir, proc, env)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def running_daemon(state_dir: Path, *args: str, **env: str) -> Iterator[Daemon]:
+    """``fetchml daemon`` on ``state_dir`` with flags ``args`` and settings ``env``, started
+    and answering; stopped (SIGTERM) on exit. Its ``env`` points the CLI at it."""
+    daemon = LocalDaemon(
+        state_dir, bench_env(FETCHML_SOCKET=str(state_dir / "fetchml.sock"), **env), args,
+        command=fetchml_command(), start_timeout=DAEMON_START_TIMEOUT_S)
+    with daemon:
+        yield daemon
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
     """The sample at ``fraction`` of the sorted samples (nearest rank)."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
-
-
-@contextlib.contextmanager
-def temp_root(prefix: str = "fml-bench-") -> Iterator[Path]:
-    """A short temp directory (Unix socket paths are limited to 107 bytes), removed after."""
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def time_command(cmd: Sequence[str], env: dict[str, str] | None = None,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Daemon, machine_line, running_daemon, temp_root
+from bench.common import Daemon, machine_line, running_daemon, throwaway_root
 
 MiB = 1 << 20
 FILE_MIB = 16  # size of each dataset file
@@ -36,7 +36,7 @@ def disk_usage(path: Path) -> int:
 
 def push(daemon: Daemon, data: Path) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
-    out = daemon.cli("--json", "dataset", "push", "big", str(data)).stdout
+    out = daemon.cli("--json", "dataset", "push", "big", str(data), check=True).stdout
     return time.perf_counter() - started, json.loads(out)
 
 
@@ -44,11 +44,12 @@ def run_jobs(daemon: Daemon, project: Path, count: int, script: str) -> tuple[fl
     started = time.perf_counter()
     grid = ["--grid", "i=" + ",".join(str(i) for i in range(count))] if count > 1 else []
     out = daemon.cli("--json", "queue", "--dataset", "big", *grid, "--", "sh", "-c",
-                     ("true {i}; " if count > 1 else "") + script, cwd=project).stdout
+                     ("true {i}; " if count > 1 else "") + script, cwd=project,
+                     check=True).stdout
     ids = [str(job["id"]) for job in json.loads(out)["jobs"]]
-    daemon.cli("wait", *ids)
+    daemon.cli("wait", *ids, check=True)
     elapsed = time.perf_counter() - started
-    return elapsed, [daemon.cli("logs", job_id).stdout for job_id in ids]
+    return elapsed, [daemon.cli("logs", job_id, check=True).stdout for job_id in ids]
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024, help="dataset size in MiB")
     parser.add_argument("--jobs", type=int, default=10, help="jobs sharing the dataset")
     options = parser.parse_args()
-    with temp_root() as root:
+    with throwaway_root("fml-bench-") as root:
         print(machine_line(root))
         data, project = root / "data", root / "proj"
         data.mkdir()

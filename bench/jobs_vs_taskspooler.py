@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentile, temp_root
-from status_100k import Daemon, measure_status
+from common import percentile, throwaway_root
+from status_100k import measure_status, start_daemon
 
 from fetchml.client import Connection
 from fetchml.client.transfer import sync_tree
@@ -44,7 +44,7 @@ def tiny_snapshot(conn: Connection, root: Path) -> str:
 
 def fetchml_throughput(root: Path, jobs: int) -> float:
     """Seconds for ``jobs`` trivial jobs, from the submit to the last one's end."""
-    daemon = Daemon(root, FETCHML_CPUS=str(SLOTS)).start()
+    daemon = start_daemon(root, FETCHML_CPUS=str(SLOTS))
     try:
         conn = daemon.connect()
         snapshot = tiny_snapshot(conn, root)
@@ -94,7 +94,7 @@ def tsp_throughput(root: Path, jobs: int) -> float:
 
 def start_latencies(root: Path, runs: int) -> list[float]:
     """Seconds from sending a single jobs.submit to its job's first instruction."""
-    daemon = Daemon(root, FETCHML_CPUS=str(SLOTS)).start()
+    daemon = start_daemon(root, FETCHML_CPUS=str(SLOTS))
     try:
         conn = daemon.connect()
         snapshot = tiny_snapshot(conn, root)
@@ -104,7 +104,7 @@ def start_latencies(root: Path, runs: int) -> list[float]:
             job = conn.call("jobs.submit", {"snapshot": snapshot,
                                             "jobs": [{"argv": ["date", "+%s.%N"]}]})["jobs"][0]
             _wait(conn, [job])
-            log = daemon.state / "runs" / str(job["id"]) / "1" / "output.log"
+            log = daemon.state_dir / "runs" / str(job["id"]) / "1" / "output.log"
             samples.append(float(log.read_text()) - sent)
         conn.close()
         return samples[2:]  # the first ones warm the daemon up
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("tsp") is None:
         sys.exit("task-spooler is not installed: apt-get install task-spooler")
-    with temp_root("fml-bj-") as root:
+    with throwaway_root("fml-bj-") as root:
         (root / "a").mkdir()
         fml_s = fetchml_throughput(root / "a", args.jobs)
         tsp_s = tsp_throughput(root, args.jobs)

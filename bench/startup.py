@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import fetchml_command, running_daemon, temp_root
+from common import fetchml_command, running_daemon, throwaway_root
 
 
 def timed(cmd: list[str], env: dict[str, str], runs: int) -> float:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--pyz", type=Path, help="also time this dist/fetchml.pyz")
     args = parser.parse_args()
-    with temp_root() as root, running_daemon(root / "state") as daemon:
+    with throwaway_root("fml-bench-") as root, running_daemon(root / "state") as daemon:
         env, fetchml = daemon.env, fetchml_command()
         click = timed([sys.executable, "-c", "import click"], env, args.runs)
         helps = timed([*fetchml, "--help"], env, args.runs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sqlite3
 import statistics
 import subprocess
@@ -21,57 +20,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import temp_root  # noqa: E402  (importing common writes fetchml's bytecode)
+from common import bench_env, throwaway_root  # noqa: E402  (importing common compiles fetchml)
 
-from fetchml.client import Connection, Target, connect  # noqa: E402
+from fetchml.client.local_daemon import LocalDaemon  # noqa: E402
 from fetchml.daemon.jobs.model import Job, JobState  # noqa: E402
 from fetchml.daemon.store.sqlite import SqliteJobStore  # noqa: E402
 from fetchml.daemon.store.sqlite_schema import INSERT_JOB, job_to_row  # noqa: E402
 
-START_TIMEOUT_S = 30.0
 
-
-def bench_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    env.update(FETCHML_GPUS="", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-class Daemon:
-    """A daemon in a subprocess on a private state dir."""
-
-    def __init__(self, root: Path, **env: str) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.socket = self.state / "fetchml.sock"
-        self.env = bench_env(HOME=str(root), **env)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        log = (self.root / "daemon.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fetchml", "daemon", "--state-dir", str(self.state)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self.state / "daemon.json").exists() or not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"daemon did not start; see {self.root / 'daemon.log'}")
-            time.sleep(0.02)
-        return self
-
-    def connect(self) -> Connection:
-        return connect(Target(socket_path=str(self.socket)))
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(self.env, FETCHML_SOCKET=str(self.socket))
-        return subprocess.run([sys.executable, "-m", "fetchml", *args], env=env, cwd=self.root,
-                              capture_output=True, text=True, check=True)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
+def start_daemon(root: Path, **env: str) -> LocalDaemon:
+    """A daemon process on ``root/state``, logging to ``root/daemon.log``, answering."""
+    return LocalDaemon(root / "state",
+                       bench_env(HOME=str(root), PYTHONUNBUFFERED="1", **env),
+                       log_path=root / "daemon.log", cwd=root, start_timeout=30.0).start()
 
 
 def fill_store(db: Path, count: int, owner: str) -> None:
@@ -104,7 +65,7 @@ def measure_status(root: Path, jobs: int, runs: int) -> dict[str, float]:
     import getpass
 
     fill_store(root / "state" / "jobs.db", jobs, getpass.getuser())
-    daemon = Daemon(root).start()
+    daemon = start_daemon(root)
     try:
         conn = daemon.connect()
         list_samples = []
@@ -117,10 +78,10 @@ def measure_status(root: Path, jobs: int, runs: int) -> dict[str, float]:
         cli_samples = []
         for _ in range(runs + 1):
             started = time.perf_counter()
-            daemon.cli("status")
+            daemon.cli("status", check=True)
             cli_samples.append(time.perf_counter() - started)
         started = time.perf_counter()
-        daemon.cli("status", "--json")
+        daemon.cli("status", "--json", check=True)
         json_ms = (time.perf_counter() - started) * 1000
         click_samples = []  # the floor: a Python that only imports click
         for _ in range(runs + 1):
@@ -138,7 +99,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    with temp_root("fml-st-") as root:
+    with throwaway_root("fml-st-") as root:
         result = measure_status(root, args.jobs, args.runs)
     print(f"{args.jobs} finished jobs in the store")
     print(f"jobs.list over the protocol   {result['list_ms']:7.1f} ms  (goal <= 100 ms)")

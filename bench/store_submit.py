@@ -29,9 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_env, machine_line, percentile, temp_root
+from common import bench_env, machine_line, percentile, throwaway_root
 
-from fetchml.client import Connection, Target, connect
+from fetchml.client import Connection
+from fetchml.client.local_daemon import LocalDaemon
 from fetchml.client.transfer import sync_tree
 
 START_TIMEOUT_S = 30.0
@@ -73,28 +74,16 @@ def redis_server(root: Path) -> Iterator[str]:
 @contextmanager
 def daemon(root: Path, store: str) -> Iterator[tuple[Connection, Path]]:
     """A daemon on ``store``; yields a connection and its state dir."""
-    state = root / "state"
     root.mkdir()
     env = bench_env(HOME=str(root), FETCHML_CPUS=str(SLOTS))
-    with (root / "daemon.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fetchml", "daemon", "--state-dir", str(state),
-             "--store", store, "--name", "bench"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ((state / "daemon.json").exists() and (state / "fetchml.sock").exists()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the daemon did not start; see {root / 'daemon.log'}")
-            time.sleep(0.02)
-        conn = connect(Target(socket_path=str(state / "fetchml.sock")))
+    with LocalDaemon(root / "state", env, ("--store", store, "--name", "bench"),
+                     log_path=root / "daemon.log", cwd=root,
+                     start_timeout=START_TIMEOUT_S) as running:
+        conn = running.connect()
         try:
-            yield conn, state
+            yield conn, running.state_dir
         finally:
             conn.close()
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def _wait(conn: Connection, job_ids: list[int]) -> list[dict[str, object]]:
@@ -151,7 +140,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=2000)
     parser.add_argument("--latency-runs", type=int, default=40)
     args = parser.parse_args()
-    with temp_root("fml-bs-") as root:
+    with throwaway_root("fml-bs-") as root:
         sqlite = measure(root / "sqlite", "sqlite", args.submits, args.sweep, args.latency_runs)
         with redis_server(root / "redis-data") as url:
             redis = measure(root / "redis", url, args.submits, args.sweep, args.latency_runs)

@@ -30,7 +30,7 @@ from common import (
     machine_line,
     median,
     running_daemon,
-    temp_root,
+    throwaway_root,
     time_command,
 )
 
@@ -173,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed; install it to run this benchmark")
-    with temp_root() as root:
+    with throwaway_root("fml-bench-") as root:
         tree = root / "proj"
         tree_bytes = build_tree(tree, args.files, args.big_mib)
         first = Case("(a) first sync", "<= 1.5x")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import fetchml_command, machine_line, percentile, running_daemon, temp_root
+from common import fetchml_command, machine_line, percentile, running_daemon, throwaway_root
 from sync_vs_rsync import FILES_PER_DIR, build_tree
 
 GOAL_P50_MS, GOAL_P95_MS = 300.0, 600.0
@@ -101,7 +101,7 @@ def main() -> None:
     stored_ms: list[float] = []
     line_ms: list[float] = []
     hashed: list[int] = []
-    with temp_root() as root:
+    with throwaway_root("fml-bench-") as root:
         tree = root / "tree"
         tree.mkdir()
         build_tree(tree, args.files, args.big_mib)

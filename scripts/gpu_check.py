@@ -9,13 +9,17 @@ job saw the wrong GPUs.  Usage: python scripts/gpu_check.py
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fetchml.client.local_daemon import LocalDaemon, clean_env  # noqa: E402
+from fetchml.errors import DaemonUnreachable  # noqa: E402
 
 PROBE = r"""
 import json, os, subprocess
@@ -57,16 +61,14 @@ def probe_of(job: str, env: dict[str, str], cwd: Path) -> dict[str, object]:
 
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="fml-gpu-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    sock = root / "state" / "fetchml.sock"
-    env["FETCHML_SOCKET"] = str(sock)
-    daemon = subprocess.Popen([sys.executable, "-m", "fetchml", "daemon", "--state-dir",
-                               str(root / "state")], env=env)
+    daemon = LocalDaemon(root / "state", clean_env(), log_path=root / "daemon.log")
     try:
-        while not sock.exists():
-            if daemon.poll() is not None:
-                return 1
-            time.sleep(0.05)
+        try:
+            daemon.start()
+        except DaemonUnreachable as exc:
+            print(exc.message)
+            return 1
+        env = daemon.cli_env()
         project = root / "project"
         project.mkdir()
         (project / "probe.py").write_text(PROBE)
@@ -98,8 +100,8 @@ def main() -> int:
             print(f"{'PASS' if ok else 'FAIL'}  {name}")
         return 0 if all(checks.values()) else 1
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
+        if daemon.running:
+            daemon.stop(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
 
 

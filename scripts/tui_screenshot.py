@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from fetchml.cli.tui.app import Dashboard  # noqa: E402
 from fetchml.client import Target, connect  # noqa: E402
+from fetchml.client.local_daemon import LocalDaemon, clean_env  # noqa: E402
 
 SIZE = (100, 30)  # columns, rows: a roomy terminal; 80x24 works too
 POINTS_WANTED = 150  # points on the plot before the picture is taken
@@ -58,19 +58,6 @@ def fetchml(env: dict[str, str], cwd: Path, *args: str) -> str:
     return done.stdout
 
 
-def start_daemon(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log = (root / "daemon.log").open("wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "fetchml", "daemon", "--state-dir",
-                               str(root / "state")], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not (root / "state" / "fetchml.sock").exists():
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the daemon did not start; see {root / 'daemon.log'}")
-        time.sleep(0.05)
-    return daemon
-
-
 async def capture(socket: Path, root: Path, out: Path) -> None:
     app = Dashboard(lambda: connect(Target(socket_path=str(socket))), pull_dir=root)
     async with app.run_test(size=SIZE) as pilot:
@@ -91,24 +78,25 @@ async def capture(socket: Path, root: Path, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "tui.svg"
     root = Path(tempfile.mkdtemp(prefix="fml-shot-", dir="/tmp"))  # short: socket paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
-    env.update(FETCHML_GPUS="0,1,2,3", FETCHML_CPUS="8", HOME=str(root),
-               FETCHML_SOCKET=str(root / "state" / "fetchml.sock"), PYTHONPATH=str(REPO))
+    env = clean_env(FETCHML_GPUS="0,1,2,3", FETCHML_CPUS="8", HOME=str(root),
+                    PYTHONPATH=str(REPO))
     project = root / "project"
     project.mkdir()
     (project / "train.py").write_text(TRAIN)
-    daemon = start_daemon(root, env)
+    daemon = LocalDaemon(root / "state", env, log_path=root / "daemon.log")
     try:
+        daemon.start()
+        env = daemon.cli_env()
         fetchml(env, project, "queue", "--json", "--gpus", "1", "--name", "sweep",
                 "--grid", "lr=0.3,0.1,0.03", "--", "python3", "train.py", "--lr", "{lr}")
         fetchml(env, project, "queue", "--json", "--gpus", "2", "--name", "big",
                 "--", "python3", "train.py", "--lr", "0.2")
-        asyncio.run(capture(root / "state" / "fetchml.sock", root, out))
+        asyncio.run(capture(daemon.socket, root, out))
         jobs = json.loads(fetchml(env, project, "status", "--json"))["jobs"]
         fetchml(env, project, "cancel", *(str(job["id"]) for job in jobs))
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=20)
+        if daemon.running:
+            daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(f"saved {out}")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,38 +14,23 @@ from pathlib import Path
 import click
 
 from fetchml.cli.context import CliContext, pass_cli
-from fetchml.errors import DaemonUnreachable, FetchmlError, InternalError
+from fetchml.client.local_daemon import LocalDaemon, clean_env
+from fetchml.errors import DaemonUnreachable, FetchmlError, InternalError, Unavailable
 
 DAEMON_START_TIMEOUT_S = 20.0
+DAEMON_STOP_TIMEOUT_S = 15.0
 DEMO_PROJECT = Path(__file__).resolve().parent.parent / "demo_project"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _fetchml(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fetchml", *args]
-
-
-def _wait_for_socket(sock: Path, daemon: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if sock.exists():
-            return
-        if daemon.poll() is not None:
-            raise DaemonUnreachable("the demo daemon exited during start-up; its log is above")
-        time.sleep(0.02)
-    raise DaemonUnreachable(f"the demo daemon did not open {sock} within "
-                            f"{DAEMON_START_TIMEOUT_S:g} s")
-
-
 class Demo:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env = workdir, env
+    def __init__(self, workdir: Path, daemon: LocalDaemon) -> None:
+        self.workdir, self.daemon = workdir, daemon
 
     def step(self, title: str, *args: str, cwd: Path | None = None) -> str:
         click.secho(f"\n== {title}", bold=True)
         click.secho(f"$ fetchml {' '.join(args)}", fg="cyan")
-        done = subprocess.run(_fetchml(*args), cwd=cwd or self.workdir, env=self.env,
-                              capture_output=True, text=True, check=False)
+        done = self.daemon.cli(*args, cwd=cwd or self.workdir, timeout=None)
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
         if done.returncode != 0:
@@ -61,23 +46,19 @@ def demo(cli: CliContext, keep: bool) -> None:
     """Start a throwaway daemon and run the main flow against it (under a minute)."""
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="fetchml-demo-"))
-    state_dir, sock = workdir / "state", workdir / "state" / "fetchml.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHML_")}
+    env = clean_env()
     # `python -m fetchml` must find this very copy of fetchml, also from a .pyz or a venv that
     # is not activated.
     path = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    env.update(FETCHML_SOCKET=str(sock), PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=path)
     click.secho(f"fetchml demo in {workdir}", bold=True)
-    log_path = workdir / "daemon.log"
-    with log_path.open("wb") as log_file:
-        daemon = subprocess.Popen(
-            _fetchml("daemon", "--state-dir", str(state_dir)),
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
+    daemon = LocalDaemon(workdir / "state", env, log_path=workdir / "daemon.log",
+                         cwd=workdir, start_timeout=DAEMON_START_TIMEOUT_S)
     try:
-        _wait_for_socket(sock, daemon)
-        click.echo(f"daemon started (pid {daemon.pid}), socket {sock}")
-        demo = Demo(workdir, env)
+        daemon.start()  # its log's tail is in the error if it does not start
+        assert daemon.proc is not None
+        click.echo(f"daemon started (pid {daemon.proc.pid}), socket {daemon.socket}")
+        demo = Demo(workdir, daemon)
         project = workdir / "project"
         shutil.copytree(DEMO_PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
         demo.step("Who am I, and what does this host have?", "info")
@@ -97,15 +78,14 @@ def demo(cli: CliContext, keep: bool) -> None:
         demo.step("Show the jobs", "status", cwd=project)
         click.secho(f"\ndemo finished in {time.monotonic() - started:.1f} s", fg="green",
                     bold=True)
-    except FetchmlError:
-        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+    except FetchmlError as exc:
+        if not isinstance(exc, DaemonUnreachable):
+            sys.stderr.write(daemon.log()[-4000:])
         raise
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        if daemon.running:
+            with contextlib.suppress(Unavailable):  # killed after the timeout
+                daemon.stop(timeout=DAEMON_STOP_TIMEOUT_S)
         if keep:
             click.echo(f"kept {workdir}")
         else:

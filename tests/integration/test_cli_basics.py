@@ -133,7 +133,9 @@ def test_daemon_refuses_a_socket_another_daemon_answers(daemon: DaemonProcess,
         assert "time" in conn.call("host.ping")
 
 
-def test_socket_left_by_a_killed_daemon_does_not_stop_a_new_one(daemon: DaemonProcess) -> None:
+def test_socket_left_by_a_killed_daemon_does_not_stop_a_new_one(
+        daemon_process: DaemonProcess) -> None:
+    daemon = daemon_process
     daemon.kill()
     assert daemon.socket.exists()
     daemon.start()

@@ -48,6 +48,19 @@ class Hosts:
                 FETCHML_LEASE_TIMEOUT=str(LEASE_S)).start(wait=False)
         for name, _, _ in specs:
             self.daemons[name].wait_ready()
+        # A daemon hears of the others on its next heartbeat: wait until each one started
+        # here sees all of them alive, so that a submit may go to any of them.
+        names = {name for name, _, _ in specs}
+        for name in names:
+            until(self.sees_alive(name, names), 20, f"{name} to see hosts {sorted(names)}")
+
+    def sees_alive(self, name: str, names: set[str]) -> Any:
+        def check() -> bool:
+            with self.daemons[name].connect() as conn:
+                hosts = conn.call("cluster.hosts")["hosts"]
+            return names <= {h["name"] for h in hosts if h["alive"]}
+
+        return check
 
     def url(self, name: str) -> str:
         return str(self.daemons[name].runtime_info["url"])

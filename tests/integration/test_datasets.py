@@ -19,7 +19,13 @@ import redis
 from fetchml.daemon.datasets.registry import REMOVING, SqliteDatasetRegistry
 from fetchml.daemon.isolation import service as isolation
 from fetchml.errors import Conflict, NotFound, PermissionDenied
-from tests.conftest import DaemonProcess, RedisServer, make_daemon
+from tests.conftest import (
+    DaemonProcess,
+    RedisServer,
+    make_daemon,
+    make_inprocess_daemon,
+    stop_if_running,
+)
 
 MiB = 1 << 20
 # Each job prints a digest of every file it sees and the inode of the dataset's root.
@@ -109,10 +115,9 @@ def project(short_tmp: Path) -> Path:
 @pytest.fixture
 def busy_daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
     """A daemon with room for ten jobs at once."""
-    proc = make_daemon(short_tmp, FETCHML_CPUS="16").start()
+    proc = make_inprocess_daemon(short_tmp, FETCHML_CPUS="16").start()
     yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.stop()
+    stop_if_running(proc)
 
 
 def test_push_sends_what_changed_only_and_an_unchanged_tree_is_no_new_version(
@@ -309,7 +314,7 @@ def test_a_job_cannot_change_stored_objects_through_a_dataset(daemon: DaemonProc
                     reason="needs --isolation bwrap (the isolation module is still a stub)")
 def test_under_bwrap_a_job_cannot_modify_delete_or_chmod_a_dataset_file(
         short_tmp: Path, data: Path, project: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_ISOLATION_CHOICES="bwrap").start()
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_ISOLATION_CHOICES="bwrap").start()
     try:
         push(daemon, "imgs", data)
         snapshot = run_json(daemon, "sync", cwd=project)["snapshot"]
@@ -333,8 +338,9 @@ def test_under_bwrap_a_job_cannot_modify_delete_or_chmod_a_dataset_file(
         daemon.stop()
 
 
-def test_rm_is_refused_while_jobs_use_it_then_gc_reclaims(daemon: DaemonProcess, data: Path,
-                                                          project: Path) -> None:
+def test_rm_is_refused_while_jobs_use_it_then_gc_reclaims(daemon_process: DaemonProcess,
+                                                          data: Path, project: Path) -> None:
+    daemon = daemon_process  # restarted below
     push(daemon, "imgs", data)
     unique = data / "train" / "part3.bin"
     unique.write_bytes(os.urandom(MiB))

@@ -15,7 +15,7 @@ import pytest
 from fetchml.client import Connection
 from fetchml.client.transfer import sync_tree
 from fetchml.errors import BadRequest, Conflict, NotFound
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_daemon, make_inprocess_daemon, stop_if_running
 
 TERMINAL = {"succeeded", "failed", "cancelled", "lost"}
 
@@ -87,9 +87,11 @@ def gate(short_tmp: Path) -> Gate:
     return Gate(short_tmp / "gate")
 
 
-def start_daemon(root: Path, **env: str | None) -> Iterator[Jobs]:
-    """A daemon with these settings (None removes a variable) and a client for it."""
-    daemon = make_daemon(root, **{k: v for k, v in env.items() if v is not None})
+def start_daemon(root: Path, *, process: bool = False, **env: str | None) -> Iterator[Jobs]:
+    """A daemon with these settings (None removes a variable) and a client for it: served in
+    this process, or with ``process`` a daemon process of its own."""
+    make = make_daemon if process else make_inprocess_daemon
+    daemon = make(root, **{k: v for k, v in env.items() if v is not None})
     for name in [k for k, v in env.items() if v is None]:
         daemon.env.pop(name, None)
     daemon.start()
@@ -98,8 +100,7 @@ def start_daemon(root: Path, **env: str | None) -> Iterator[Jobs]:
         yield jobs
     finally:
         jobs.conn.close()
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop()
+        stop_if_running(daemon)
 
 
 @pytest.fixture
@@ -318,15 +319,18 @@ def test_every_state_change_is_an_event(short_tmp: Path) -> None:
         assert seen["skipped"] == [("held", 0), ("cancelled", 0)]
 
 
-def test_job_environment(one_slot: Jobs) -> None:
-    job = one_slot.one(sh('env | sort; echo "CWD=$(pwd)"'), env={"LR": "3e-4"})
-    job = one_slot.wait(job)[0]
-    env = dict(line.split("=", 1) for line in (
-        one_slot.daemon.state_dir / "runs" / str(job["id"]) / "1" / "output.log"
-    ).read_text().splitlines() if "=" in line)
-    assert env["LR"] == "3e-4" and env["FETCHML_JOB_ID"] == str(job["id"])
-    assert env["FETCHML_ATTEMPT"] == "1" and env["FETCHML_SNAPSHOT"] == one_slot.snapshot
-    assert env["FETCHML_OUTPUT_DIR"].endswith(f"runs/{job['id']}/1/outputs")
-    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["NVIDIA_VISIBLE_DEVICES"] == "none"
-    assert "FETCHML_CPUS" not in env and "FETCHML_KILL_GRACE" not in env
-    assert os.path.basename(env["CWD"]) == "work"
+def test_job_environment(short_tmp: Path) -> None:
+    # A daemon process: its own environment (with its FETCHML_* settings) is what jobs inherit.
+    for one_slot in start_daemon(short_tmp, process=True, FETCHML_CPUS="1",
+                                 FETCHML_KILL_GRACE="1"):
+        job = one_slot.one(sh('env | sort; echo "CWD=$(pwd)"'), env={"LR": "3e-4"})
+        job = one_slot.wait(job)[0]
+        env = dict(line.split("=", 1) for line in (
+            one_slot.daemon.state_dir / "runs" / str(job["id"]) / "1" / "output.log"
+        ).read_text().splitlines() if "=" in line)
+        assert env["LR"] == "3e-4" and env["FETCHML_JOB_ID"] == str(job["id"])
+        assert env["FETCHML_ATTEMPT"] == "1" and env["FETCHML_SNAPSHOT"] == one_slot.snapshot
+        assert env["FETCHML_OUTPUT_DIR"].endswith(f"runs/{job['id']}/1/outputs")
+        assert env["CUDA_VISIBLE_DEVICES"] == "" and env["NVIDIA_VISIBLE_DEVICES"] == "none"
+        assert "FETCHML_CPUS" not in env and "FETCHML_KILL_GRACE" not in env
+        assert os.path.basename(env["CWD"]) == "work"

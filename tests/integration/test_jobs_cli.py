@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon
 from tests.integration.test_jobs import Gate
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -28,7 +28,7 @@ STATUS_KEYS = {"id", "name", "owner", "state", "priority", "snapshot", "argv", "
 
 @pytest.fixture
 def daemon4(short_tmp: Path) -> Iterator[DaemonProcess]:
-    daemon = make_daemon(short_tmp, FETCHML_CPUS="4").start()
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_CPUS="4").start()
     yield daemon
     daemon.stop()
 

@@ -16,7 +16,12 @@ import psutil
 import pytest
 
 from fetchml.errors import BadRequest, NotFound
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import (
+    DaemonProcess,
+    make_daemon,
+    make_inprocess_daemon,
+    stop_if_running,
+)
 from tests.integration.test_tui import submit, train
 
 # Writes `sys.argv[1]` points of three series as fast as it can.
@@ -31,10 +36,17 @@ with open(os.environ["FETCHML_METRICS_FILE"], "w") as out:
 
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_CPUS="4").start()
+    yield daemon
+    stop_if_running(daemon)
+
+
+@pytest.fixture
+def daemon_process(short_tmp: Path) -> Iterator[DaemonProcess]:
+    """For the kill -9 test."""
     daemon = make_daemon(short_tmp, FETCHML_CPUS="4").start()
     yield daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.stop()
+    stop_if_running(daemon)
 
 
 @pytest.fixture
@@ -166,8 +178,9 @@ def test_bad_requests_and_other_users_jobs(daemon: DaemonProcess, short_tmp: Pat
             job["id"]
 
 
-def test_a_daemon_restart_mid_run_loses_no_points(daemon: DaemonProcess,
+def test_a_daemon_restart_mid_run_loses_no_points(daemon_process: DaemonProcess,
                                                   short_tmp: Path) -> None:
+    daemon = daemon_process
     gate = short_tmp / "gate"
     with daemon.connect() as conn:
         job = train(conn, gate, 30)

@@ -12,7 +12,7 @@ import pytest
 
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.errors import NotFound, PermissionDenied
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon
 
 
 def objects_on_disk(daemon: DaemonProcess) -> set[str]:
@@ -151,7 +151,7 @@ def test_researcher_prunes_only_their_jobs_and_analyst_cannot_prune(daemon: Daem
 
 
 def test_retention_policy_prunes_periodically(short_tmp: Path, project: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_RETENTION_OLDER_THAN="0",
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_RETENTION_OLDER_THAN="0",
                          FETCHML_RETENTION_INTERVAL="0.5").start()
     try:
         job = queue(daemon, project, "--", "true")

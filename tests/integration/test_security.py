@@ -25,7 +25,7 @@ from fetchml.errors import (
     RateLimited,
     Unauthenticated,
 )
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_daemon, make_inprocess_daemon
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -184,7 +184,7 @@ def test_roles_and_ownership(site: Site) -> None:
 
 
 def test_31st_submission_in_a_minute_is_rate_limited_but_sync_is_not(short_tmp: Path) -> None:
-    daemon = make_daemon(short_tmp).start()
+    daemon = make_inprocess_daemon(short_tmp).start()
     try:
         with daemon.connect() as admin:
             key = admin.call("admin.users.add", {"name": "dan", "role": "researcher"})["key"]
@@ -321,7 +321,7 @@ def test_keys_never_land_in_the_state_dir_logs_or_audit(site: Site) -> None:
 
 
 def test_editing_one_audit_line_is_found_and_named(short_tmp: Path) -> None:
-    daemon = make_daemon(short_tmp).start()
+    daemon = make_inprocess_daemon(short_tmp).start()
     try:
         with daemon.connect() as admin:
             for name in ("u1", "u2", "u3"):
@@ -342,7 +342,7 @@ def test_editing_one_audit_line_is_found_and_named(short_tmp: Path) -> None:
 
 
 def test_user_names_and_job_names_cannot_forge_audit_lines(short_tmp: Path) -> None:
-    daemon = make_daemon(short_tmp).start()
+    daemon = make_inprocess_daemon(short_tmp).start()
     try:
         with daemon.connect() as admin:
             snapshot = stored_snapshot(admin)

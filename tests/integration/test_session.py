@@ -16,7 +16,7 @@ import pytest
 from fetchml.client.websocket import ConnectionClosed, WebSocket
 from fetchml.errors import BadRequest, DaemonStopped, Unavailable
 from fetchml.protocol import PROTOCOL_VERSION, encode
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon
 
 
 def raw_ws(daemon: DaemonProcess) -> WebSocket:
@@ -191,7 +191,7 @@ def test_request_before_hello_is_refused(daemon: DaemonProcess) -> None:
 
 
 def test_too_many_requests_in_flight(short_tmp: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_MAX_IN_FLIGHT="4").start()
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_MAX_IN_FLIGHT="4").start()
     try:
         ws = raw_ws(daemon)
         say_hello(ws)
@@ -205,7 +205,7 @@ def test_too_many_requests_in_flight(short_tmp: Path) -> None:
 
 
 def test_silent_client_is_closed_after_the_handshake_timeout(short_tmp: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_HANDSHAKE_TIMEOUT="0.5").start()
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_HANDSHAKE_TIMEOUT="0.5").start()
     try:
         ws = raw_ws(daemon)
         started = time.monotonic()
@@ -216,7 +216,9 @@ def test_silent_client_is_closed_after_the_handshake_timeout(short_tmp: Path) ->
         daemon.stop()
 
 
-def test_sigterm_with_requests_in_flight_ends_them_cleanly(daemon: DaemonProcess) -> None:
+def test_sigterm_with_requests_in_flight_ends_them_cleanly(
+        daemon_process: DaemonProcess) -> None:
+    daemon = daemon_process
     conn = daemon.connect()
     stream = conn.stream("host.monitor", {"interval": 0.05})
     events = stream.events()

@@ -24,7 +24,7 @@ from fetchml.cas.hashing import hash_bytes
 from fetchml.cas.manifest import FORMAT_TAG, FORMAT_VERSION, ManifestEntry, SnapshotManifest
 from fetchml.client.transfer import upload
 from fetchml.errors import BadRequest, IntegrityError, NotFound
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon
 
 OID = hash_bytes(b"not stored anywhere")
 PR_CAPBSET_DROP = 24
@@ -161,10 +161,10 @@ BAD_MANIFESTS: dict[str, tuple[str, list[list[Any]]]] = {
 
 @pytest.fixture(scope="module")
 def shared_daemon() -> Iterator[DaemonProcess]:
-    """One daemon for tests that leave nothing behind (each one starts in about a second)."""
+    """One daemon for tests that leave nothing behind."""
     root = Path(tempfile.mkdtemp(prefix="fml-", dir="/tmp"))
     (root / "home").mkdir()
-    proc = make_daemon(root).start()
+    proc = make_inprocess_daemon(root).start()
     yield proc
     proc.stop()
     shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,17 @@ from tests.conftest import DaemonProcess
 BIG_FILE_BYTES = 2 << 30
 # The budget each process must stay under while moving the big file.
 PEAK_RSS_LIMIT = 200 * 1024 * 1024
+# Runs a command and writes [exit code, peak RSS in KiB] to a file: wait4 reports the child's
+# own peak RSS, however briefly it peaked. The command is started from this small process, not
+# from the test process: Linux carries a process's peak RSS across fork and exec into its
+# children, and a test worker may have grown large.
+MEASURED = """\
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss], out)
+"""
 
 
 def peak_rss(pid: int) -> int:
@@ -27,7 +38,9 @@ def peak_rss(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_2gib_file_syncs_in_bounded_memory(daemon: DaemonProcess, short_tmp: Path) -> None:
+def test_a_2gib_file_syncs_in_bounded_memory(daemon_process: DaemonProcess,
+                                             short_tmp: Path) -> None:
+    daemon = daemon_process  # its own process: its peak RSS is the daemon's alone
     tree = short_tmp / "proj"
     tree.mkdir()
     big = tree / "weights.bin"
@@ -39,19 +52,16 @@ def test_a_2gib_file_syncs_in_bounded_memory(daemon: DaemonProcess, short_tmp: P
         stream.truncate(BIG_FILE_BYTES)
     (tree / "train.py").write_text("print('hi')\n")
     env = dict(daemon.env, FETCHML_SOCKET=str(daemon.socket), FETCHML_MAX_FILE_SIZE="3g")
-    proc = subprocess.Popen([sys.executable, "-m", "fetchml", "sync", "--json", str(tree)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait4 reports the child's own peak RSS, however briefly it peaked
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == 0, err.decode()
-    report = json.loads(out)
+    usage_path = short_tmp / "usage.json"
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, str(usage_path),
+         sys.executable, "-m", "fetchml", "sync", "--json", str(tree)],
+        env=env, capture_output=True, check=False)
+    exit_code, max_rss_kib = json.loads(usage_path.read_text())
+    assert exit_code == 0 and done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
     assert report["sent_bytes"] == report["bytes"] == BIG_FILE_BYTES + 12
-    client_peak = usage.ru_maxrss * 1024
+    client_peak = max_rss_kib * 1024
     assert daemon.proc is not None
     daemon_peak = peak_rss(daemon.proc.pid)
     print(f"peak RSS: CLI {client_peak / 2**20:.0f} MiB, daemon {daemon_peak / 2**20:.0f} MiB")

@@ -18,7 +18,12 @@ from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.cli.tui.app import Dashboard
 from fetchml.cli.tui.widgets import ConfirmScreen, PromptScreen
 from fetchml.client import Connection, Target, connect
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import (
+    DaemonProcess,
+    make_daemon,
+    make_inprocess_daemon,
+    stop_if_running,
+)
 
 # A training script: writes `count` steps of output and metrics, waits for the gate file, then
 # writes as many again and an output file.
@@ -44,10 +49,17 @@ SIZE = (80, 24)
 
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_CPUS="4", FETCHML_GPUS="0,1").start()
+    yield daemon
+    stop_if_running(daemon)
+
+
+@pytest.fixture
+def daemon_process(short_tmp: Path) -> Iterator[DaemonProcess]:
+    """For the restart test."""
     daemon = make_daemon(short_tmp, FETCHML_CPUS="4", FETCHML_GPUS="0,1").start()
     yield daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.stop()
+    stop_if_running(daemon)
 
 
 def upload(conn: Connection) -> str:
@@ -244,8 +256,9 @@ async def test_analyst_sees_everyone_and_cannot_cancel(daemon: DaemonProcess,
         app.feeds.stop()
 
 
-async def test_reconnects_after_the_daemon_restarts(daemon: DaemonProcess,
+async def test_reconnects_after_the_daemon_restarts(daemon_process: DaemonProcess,
                                                     short_tmp: Path) -> None:
+    daemon = daemon_process
     app = dashboard(daemon, short_tmp)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.hello, "connected")

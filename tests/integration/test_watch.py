@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon
 
 LINE_TIMEOUT_S = 30.0
 PYVENV = "home = /usr/bin\ninclude-system-site-packages = false\n"
@@ -140,12 +140,21 @@ def project(short_tmp: Path) -> Path:
     return make_project(short_tmp / "proj")
 
 
-@pytest.fixture
-def watcher(daemon: DaemonProcess, project: Path) -> Iterator[Watcher]:
+def watching(daemon: DaemonProcess, project: Path) -> Iterator[Watcher]:
     running = Watcher(daemon, project)
     yield running
     assert running.stop() == 130
     assert "Traceback" not in "".join(running.stderr)
+
+
+@pytest.fixture
+def watcher(daemon: DaemonProcess, project: Path) -> Iterator[Watcher]:
+    yield from watching(daemon, project)
+
+
+@pytest.fixture
+def process_watcher(daemon_process: DaemonProcess, project: Path) -> Iterator[Watcher]:
+    yield from watching(daemon_process, project)
 
 
 def test_a_single_save_syncs_once_reading_only_that_file(
@@ -281,7 +290,8 @@ def test_the_watch_limit_falls_back_to_polling_with_one_warning(
 
 
 def test_the_watcher_survives_a_daemon_restart(
-        daemon: DaemonProcess, project: Path, watcher: Watcher) -> None:
+        daemon_process: DaemonProcess, project: Path, process_watcher: Watcher) -> None:
+    daemon, watcher = daemon_process, process_watcher
     watcher.next_line()
     daemon.kill()
     (project / "train.py").write_text("print('while the daemon was down')\n")
@@ -333,7 +343,7 @@ def test_ctrl_c_mid_upload_leaves_nothing_half_written(
 
 @pytest.fixture
 def one_cpu_daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    proc = make_daemon(short_tmp, FETCHML_CPUS="1").start()
+    proc = make_inprocess_daemon(short_tmp, FETCHML_CPUS="1").start()
     yield proc
     with proc.connect() as conn:  # jobs outlive the daemon: stop them first
         active = conn.call("jobs.list", {"states": ["queued", "running", "held"]})["jobs"]
