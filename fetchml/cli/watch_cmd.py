@@ -310,7 +310,7 @@ def watch(cli: CliContext, /, path: Path | None, restart: bool, debounce: str | 
     jobs = None
     if command:
         jobs = build_jobs(command, **options, labels={"watch": watch_id})
-    elif restart or any(value not in (None, ()) for value in options.values()):
+    elif restart or any(value not in (None, (), False) for value in options.values()):
         raise click.UsageError("--restart and the queue options need a command after --, "
                                "e.g. fetchml watch --gpus 1 -- python train.py")
     try:

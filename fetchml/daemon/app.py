@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from fetchml import __version__
 from fetchml.config import DaemonSettings
@@ -73,6 +73,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     session = Session(core, ws, identity, identity.source)
+    session.transport = request.transport
     if core.connections is not None and knock.unix is None:
         gate, transport = core.connections, request.transport
         session.on_hello = lambda: gate.admitted(transport)
@@ -82,7 +83,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     finally:
         core.sessions.discard(session)
         if not ws.closed:
-            await ws.close()
+            await session.close(WSCloseCode.OK, "the session ended")
     return ws
 
 

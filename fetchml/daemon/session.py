@@ -8,7 +8,6 @@ are checked, the audit record after a success, and arrival order for ordered ops
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +48,10 @@ SHUTDOWN_GRACE_S = 5.0
 # a client that asks for many objects and reads slowly holds this much of the daemon's memory,
 # not a chunk per request.
 LARGE_SENDS = 4
+# A frame the peer does not take within this long ends the connection: a client that stopped
+# reading (or vanished without the kernel telling us) must not hold its requests forever.
+SEND_STALL_S = 60.0
+STOPPING_SEND_S = 1.0  # the same, once the daemon is stopping
 
 
 def audit(call: Call[Any], result: Any) -> None:
@@ -84,6 +87,7 @@ class Session:
         # Per-connection state of handlers (e.g. uploads in progress) and how to release it.
         self.state: dict[str, Any] = {}
         self.cleanups: list[Callable[[], None]] = []
+        self.transport: asyncio.BaseTransport | None = None  # to abort a stalled connection
 
     # -- sending ----------------------------------------------------------------------------
     async def send(self, message: dict[str, Any]) -> None:
@@ -91,8 +95,19 @@ class Session:
         async with self._send_lock:
             if self.ws.closed:
                 return
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.ws.send_bytes(data)
+            patience = STOPPING_SEND_S if self._stopping else SEND_STALL_S
+            try:
+                await asyncio.wait_for(self.ws.send_bytes(data), patience)
+            except TimeoutError:
+                log.info("%s took no data for %g s; closing its connection", self.peer, patience)
+                self.abort()
+            except (ConnectionError, RuntimeError):
+                pass
+
+    def abort(self) -> None:
+        """Drop the connection at once: every read and write on it ends."""
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
 
     async def send_event(self, request_id: int, event: str, data: Any) -> None:
         if request_id in self._cancelled_streams:
@@ -101,6 +116,11 @@ class Session:
 
     async def close(self, code: int, reason: str) -> None:
         log.info("closing session of %s (%s): %s", self.identity.user, self.peer, reason)
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > 0:  # type: ignore[attr-defined]
+            # the peer is not taking what is queued: a close frame would wait behind it forever
+            self.abort()
+            return
         await self.ws.close(code=code, message=reason.encode()[:120])
 
     # -- main loop --------------------------------------------------------------------------

@@ -49,14 +49,15 @@ def draft(name: str = "imgs", snapshot: str = SNAP[0], by: str = "rita") -> Data
     ("imgs", DatasetRef("imgs")),
     ("imgs@3", DatasetRef("imgs", 3)),
     ("imgs:data/train", DatasetRef("imgs", None, "data/train")),
-    ("my.data-set_2@12:/d/", DatasetRef("my.data-set_2", 12, "d")),
+    ("my.data-set_2@12:d/", DatasetRef("my.data-set_2", 12, "d")),
 ])
 def test_references_parse(text: str, expected: DatasetRef) -> None:
     assert parse_ref(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "@1", ".hidden", "a/b", "imgs@", "imgs@0", "imgs@-1",
-                                  "imgs@x", "imgs@1:", "imgs:/", "a b", "x" * 101])
+                                  "imgs@x", "imgs@1:", "imgs:/", "imgs:/d", "a b",
+                                  "x" * 101])
 def test_bad_references_are_refused_in_one_sentence(text: str) -> None:
     with pytest.raises(BadRequest) as err:
         parse_ref(text)
