@@ -102,7 +102,7 @@ class ObjectStore:
         try:
             return os.stat(self.path(oid)).st_size
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise self._not_found(oid) from exc
+            raise self.not_found(oid) from exc
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ class ObjectStore:
     # -- reading ----------------------------------------------------------------------------
 
     @staticmethod
-    def _not_found(oid: str) -> NotFound:
+    def not_found(oid: str) -> NotFound:
         return NotFound(f"object {oid} is not in the store; upload it again", details={"oid": oid})
 
     @staticmethod
@@ -317,7 +317,7 @@ class ObjectStore:
         try:
             return os.open(self.path(oid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise self._not_found(oid) from exc
+            raise self.not_found(oid) from exc
         except OSError as exc:
             raise translate_os_error(exc, f"opening object {oid}") from exc
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fetchml.cas.manifest import SnapshotManifest
@@ -33,8 +33,9 @@ from fetchml.daemon.jobs.runner import Runner
 from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.observe.prometheus import DaemonMetrics
 from fetchml.daemon.observe.training import MetricsTracker
-from fetchml.daemon.security.auth import Authenticator
+from fetchml.daemon.security.auth import Authenticator, Identity
 from fetchml.daemon.security.gate import ConnectionGate
+from fetchml.daemon.security.ownership import SnapshotOwners
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.tasks import periodic
@@ -69,6 +70,7 @@ class DaemonCore:
     runner: Runner
     scheduler: Scheduler
     pins: Pins
+    snapshot_owners: SnapshotOwners  # who may read which snapshot
     gc: GarbageCollector
     cluster: Cluster | None  # with a Redis store
     isolation: Isolation
@@ -133,6 +135,9 @@ class DaemonCore:
         stack.push_async_callback(self.scheduler.stop)
 
         self.pins = await asyncio.to_thread(Pins, s.state_dir)
+        self.snapshot_owners = owners = SnapshotOwners(s.state_dir)
+        await asyncio.to_thread(owners.open)
+        self.events.listen(self._own_outputs)
         self.gc = GarbageCollector(self.objects, self.snapshots, self.jobs, self.pins,
                                    self._sweep_gate)
         self.events.listen(lambda job: self.gc.protect_snapshot(job.snapshot))
@@ -217,6 +222,11 @@ class DaemonCore:
         """Tell every stream that a job changed."""
         self.events.publish(job)
 
+    def _own_outputs(self, job: Job) -> None:
+        """A job's outputs belong to its owner."""
+        if job.outputs:  # every host hears of every job: a pull may come through any of them
+            self.snapshot_owners.record(job.outputs, job.owner)
+
     def _attempt_ended(self, job_id: int) -> None:
         self.scheduler.ended(job_id)
 
@@ -252,12 +262,30 @@ class DaemonCore:
             return "scheduler is not running"
         return None
 
-    async def resolve_snapshot(self, text: str) -> str:
+    def reads_everything(self, reader: Identity) -> bool:
+        """Whether ``reader`` may read every snapshot and object (admins, analysts, peers)."""
+        return reader.allows("jobs:read:all")
+
+    def may_read_snapshot(self, reader: Identity, snapshot: str,
+                          granted: Collection[str] = ()) -> bool:
+        return (self.reads_everything(reader) or snapshot in granted or
+                snapshot in self.snapshot_owners.owned_by(reader.user) or
+                (reader.allows("datasets:read") and snapshot in self.datasets.roots()))
+
+    async def resolve_snapshot(self, text: str, reader: Identity | None = None,
+                               granted: Collection[str] = ()) -> str:
         """A full snapshot id from an id or a unique prefix of at least 6 hex digits.
 
+        With a ``reader`` that may not read everything, only what it may read resolves (its
+        uploads and jobs' outputs, ``granted`` to its connection, datasets it may read); any
+        other snapshot is not found, exactly as one that is not stored.
         While a garbage collection runs, the snapshot is kept with everything it names, and
         one it already took objects from is refused: callers hold ``gc_guard``."""
-        snapshot = await self._find_snapshot(text.strip().lower())
+        text = text.strip().lower()
+        if reader is None or self.reads_everything(reader):
+            snapshot = await self._find_snapshot(text)
+        else:
+            snapshot = await self._find_readable(text, reader, granted)
         if self.gc.running:
             self.gc.protect_snapshot(snapshot)
             data = await asyncio.to_thread(self.snapshots.read_bytes, snapshot)
@@ -269,12 +297,24 @@ class DaemonCore:
             self.gc.protect_objects(oids)
         return snapshot
 
+    async def _find_readable(self, text: str, reader: Identity, granted: Collection[str]
+                             ) -> str:
+        _check_snapshot_text(text)
+        extra = set(granted)
+        if reader.allows("datasets:read"):
+            extra.update(self.datasets.roots())
+        readable = self.snapshot_owners.readable(reader.user, extra)
+        matches = [s for s in readable if s.startswith(text)][:2]
+        if not matches or not await asyncio.to_thread(self.snapshots.contains, matches[0]):
+            raise NotFound(f"no snapshot {text}; `fetchml sync` prints the ids it stores")
+        if len(matches) > 1:
+            raise BadRequest(f"snapshot prefix {text} is ambiguous; give more digits")
+        return matches[0]
+
     async def _find_snapshot(self, text: str) -> str:
         if len(text) == 64 and await asyncio.to_thread(self.snapshots.contains, text):
             return text  # a full id names itself: one stat instead of a prefix search
-        if len(text) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in text):
-            raise BadRequest(f"{text[:80]!r} is not a snapshot id; give at least "
-                             f"{MIN_PREFIX} hex digits")
+        _check_snapshot_text(text)
         matches = await asyncio.to_thread(self.snapshots.find_prefix, text, 2)
         if not matches:
             raise NotFound(f"no snapshot {text}; `fetchml sync` prints the ids it stores")
@@ -292,3 +332,9 @@ class DaemonCore:
         except Unavailable as exc:  # the host still answers for itself without its store
             return {**status, "jobs": {}, "store_error": exc.message}
         return {**status, "jobs": {state.value: n for state, n in counts.items() if n}}
+
+
+def _check_snapshot_text(text: str) -> None:
+    if len(text) < MIN_PREFIX or len(text) > 64 or any(c not in "0123456789abcdef" for c in text):
+        raise BadRequest(f"{text[:80]!r} is not a snapshot id; give at least {MIN_PREFIX} hex "
+                         "digits")

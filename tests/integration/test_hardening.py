@@ -217,3 +217,68 @@ def test_a_client_that_never_reads_holds_bounded_memory(short_tmp: Path) -> None
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
+
+
+# -- snapshots and objects belong to someone ---------------------------------------------------
+
+def test_a_researcher_reads_only_snapshots_and_objects_that_are_theirs(short_tmp: Path) -> None:
+    from fetchml.cas.hashing import hash_bytes
+    from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
+
+    daemon = make_daemon(short_tmp).start()
+    try:
+        with daemon.connect() as admin:
+            keys = {name: admin.call("admin.users.add", {"name": name, "role": role})["key"]
+                    for name, role in (("alice", "researcher"), ("bob", "researcher"),
+                                       ("carol", "analyst"))}
+        secret = b"alice's weights\n"
+        oid = hash_bytes(secret)
+        with daemon.connect(api_key=keys["alice"]) as alice:
+            alice.call("cas.put", {"blobs": [{"oid": oid, "size": len(secret), "offset": 0,
+                                              "data": secret}]})
+            manifest = SnapshotManifest([ManifestEntry.file("w.txt", oid, len(secret))])
+            snapshot = alice.call("snapshot.put", {"manifest": manifest.encode()})["snapshot"]
+            assert alice.call("snapshot.get", {"snapshot": snapshot[:8]})["snapshot"] == snapshot
+            assert b"".join(e.data for e in alice.stream("cas.get", {"oid": oid}).events()) \
+                == secret
+        with daemon.connect(api_key=keys["bob"]) as bob:
+            absent = "0123456789ab"
+            with pytest.raises(NotFound) as absent_error:
+                bob.call("snapshot.get", {"snapshot": absent})
+            for text in (snapshot[:6], snapshot[:12], snapshot):
+                with pytest.raises(NotFound) as theirs:
+                    bob.call("snapshot.get", {"snapshot": text})
+                assert theirs.value.message == absent_error.value.message.replace(absent, text)
+                with pytest.raises(NotFound):
+                    bob.call("jobs.submit", {"snapshot": text, "jobs": [{"argv": ["true"]}]})
+            with pytest.raises(NotFound, match="is not in the store"):
+                list(bob.stream("cas.get", {"oid": oid}).events())
+            with pytest.raises(NotFound, match="base snapshot"):  # nor built upon
+                bob.call("snapshot.put", {"base": snapshot, "upsert": [], "remove": []})
+        with daemon.connect(api_key=keys["carol"]) as carol:  # an analyst reads everything
+            assert carol.call("snapshot.get", {"snapshot": snapshot})["snapshot"] == snapshot
+    finally:
+        daemon.stop()
+
+
+def test_a_researcher_pulls_the_outputs_of_their_own_job(short_tmp: Path) -> None:
+    daemon = make_daemon(short_tmp).start()
+    try:
+        with daemon.connect() as admin:
+            key = admin.call("admin.users.add", {"name": "ada", "role": "researcher"})["key"]
+        project = short_tmp / "project"
+        project.mkdir()
+        (project / "train.py").write_text(
+            "import os\nopen(os.path.join(os.environ['FETCHML_OUTPUT_DIR'], 'm.txt'), 'w')"
+            ".write('0.93')\n")
+        env = {"FETCHML_API_KEY": key}
+        queued = daemon.cli("queue", "--json", "--", sys.executable, "train.py", cwd=project,
+                            env=env)
+        assert queued.returncode == 0, queued.stderr
+        job = str(json.loads(queued.stdout)["jobs"][0]["id"])
+        assert daemon.cli("wait", job, env=env, timeout=120).returncode == 0
+        pulled = daemon.cli("pull", job, str(short_tmp / "out"), env=env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert (short_tmp / "out" / "m.txt").read_text() == "0.93"
+    finally:
+        daemon.stop()

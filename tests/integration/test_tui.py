@@ -132,6 +132,7 @@ async def test_jobs_appear_and_change_state_live(daemon: DaemonProcess, short_tm
         app.feeds.stop()
 
 
+@pytest.mark.serial  # follows a log as it is written: timing-sensitive under load
 async def test_log_follows_and_plot_gains_points_as_written(daemon: DaemonProcess,
                                                             short_tmp: Path) -> None:
     gate = short_tmp / "gate"

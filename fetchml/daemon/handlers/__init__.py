@@ -10,10 +10,11 @@ data (e.g. ``jobs:read:all`` for other users' jobs). Stream handlers emit events
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from fetchml.daemon.security.ownership import READABLE_OBJECTS_KEY, READABLE_SNAPSHOTS_KEY
 from fetchml.errors import PermissionDenied
 from fetchml.protocol.ops import CATALOGUE, CONNECTION_OPS
 from fetchml.protocol.schema import OpSpec
@@ -82,3 +83,28 @@ def load_all() -> dict[str, Handler[Any]]:
     )
 
     return HANDLERS
+
+
+# -- what a connection may read (see fetchml/daemon/security/ownership.py) ----------------------
+
+async def resolve_snapshot(call: Call[Any], text: str) -> str:
+    """The snapshot ``text`` names, among those the caller may read."""
+    granted = call.session.state.get(READABLE_SNAPSHOTS_KEY, ())
+    return await call.core.resolve_snapshot(text, reader=call.identity, granted=granted)
+
+
+def grant_snapshots(call: Call[Any], *snapshots: str | None) -> None:
+    """Let this connection read these snapshots (of a job it was allowed to see)."""
+    granted = call.session.state.setdefault(READABLE_SNAPSHOTS_KEY, set())
+    granted.update(s for s in snapshots if s)
+
+
+def grant_objects(call: Call[Any], oids: Iterable[str]) -> None:
+    """Let this connection download these objects (named by a manifest it read, or its own)."""
+    if not call.core.reads_everything(call.identity):
+        call.session.state.setdefault(READABLE_OBJECTS_KEY, set()).update(oids)
+
+
+def may_read_object(call: Call[Any], oid: str) -> bool:
+    return (call.core.reads_everything(call.identity) or
+            oid in call.session.state.get(READABLE_OBJECTS_KEY, ()))

@@ -12,7 +12,14 @@ from fetchml.cas.gc_pause import gc_paused
 from fetchml.cas.hashing import hash_bytes, is_oid
 from fetchml.cas.manifest import ManifestSummary, SnapshotManifest, summarize_validated
 from fetchml.cas.objects import ObjectStore, PendingObject
-from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.handlers import (
+    Call,
+    grant_objects,
+    handles,
+    may_read_object,
+    resolve_snapshot,
+)
+from fetchml.daemon.security.ownership import READABLE_SNAPSHOTS_KEY
 from fetchml.errors import BadRequest, IntegrityError, NotFound, TooLarge
 from fetchml.protocol import CHUNK_BYTES, ops
 
@@ -129,6 +136,8 @@ async def cas_get(call: Call[ops.CasGetArgs]) -> dict[str, Any]:
     oid: str = call.args["oid"]
     _check_oids([oid])
     store = call.core.objects
+    if not may_read_object(call, oid):  # as if it were not stored
+        raise store.not_found(oid)
     size = await asyncio.to_thread(store.size, oid)
     chunks: Iterator[bytes] = store.iter_chunks(oid, CHUNK_BYTES)
     try:
@@ -207,7 +216,9 @@ def _apply_delta(call: Call[Any]) -> bytes:
     if cached is not None and cached[0] == base_id:
         base = cached[1]
     else:
-        if not is_oid(base_id) or not call.core.snapshots.contains(base_id):
+        granted = call.session.state.get(READABLE_SNAPSHOTS_KEY, ())
+        if not is_oid(base_id) or not call.core.snapshots.contains(base_id) or \
+                not call.core.may_read_snapshot(call.identity, base_id, granted):
             raise NotFound(f"base snapshot {base_id[:12]} is not stored; send the whole "
                            "manifest")
         base = delta.load_stored(call.core.snapshots.read_bytes(base_id))
@@ -262,6 +273,8 @@ async def snapshot_put(call: Call[ops.SnapshotPutArgs]) -> dict[str, Any]:
             details={"missing": missing[:MISSING_LISTED], "missing_count": len(missing)},
         )
     _remember(call, outcome.snapshot)
+    await asyncio.to_thread(call.core.snapshot_owners.record, outcome.snapshot,
+                            call.identity.user)
     summary = outcome.summary
     call.core.metrics.count_deduplicated(summary.bytes - call.session.state.pop(RECEIVED_KEY, 0))
     return {"snapshot": outcome.snapshot, "files": summary.files, "bytes": summary.bytes}
@@ -269,9 +282,11 @@ async def snapshot_put(call: Call[ops.SnapshotPutArgs]) -> dict[str, Any]:
 
 @handles(ops.SNAPSHOT_GET)
 async def snapshot_get(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
-    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    snapshot = await resolve_snapshot(call, call.args["snapshot"])
     call.core.gc.protect_snapshot(snapshot)  # the client may be about to use it
     data = await asyncio.to_thread(call.core.snapshots.read_bytes, snapshot)  # verified
     summary = await asyncio.to_thread(summarize_validated, data)
+    if not call.core.reads_everything(call.identity):  # its objects, for the pull that follows
+        grant_objects(call, await asyncio.to_thread(lambda: SnapshotManifest.decode(data).oids()))
     return {"snapshot": snapshot, "manifest": data, "files": summary.files,
             "bytes": summary.bytes}

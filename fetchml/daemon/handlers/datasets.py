@@ -13,7 +13,7 @@ from typing import Any
 
 from fetchml.cas.manifest import summarize_validated
 from fetchml.daemon.datasets.registry import REMOVED, DatasetVersion, owner_of
-from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.handlers import Call, handles, resolve_snapshot
 from fetchml.daemon.handlers.jobs import may_see
 from fetchml.errors import Conflict, NotFound, PermissionDenied
 from fetchml.protocol import ops_datasets
@@ -36,7 +36,7 @@ async def datasets_push(call: Call[ops_datasets.DatasetsPushArgs]) -> dict[str, 
     core, svc = call.core, call.core.datasets
     name = call.args["name"]
     async with core.gc_guard():  # a collection keeps the snapshot from here on
-        snapshot = await core.resolve_snapshot(call.args["snapshot"])
+        snapshot = await resolve_snapshot(call, call.args["snapshot"])
         data = await asyncio.to_thread(core.snapshots.read_bytes, snapshot)
         summary = await asyncio.to_thread(summarize_validated, data)
         draft = DatasetVersion(name=name, version=0, snapshot=snapshot, files=summary.files,

@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fetchml.cas.paths import validate_path
-from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.handlers import Call, grant_snapshots, handles, resolve_snapshot
 from fetchml.daemon.isolation.service import job_isolation
 from fetchml.daemon.jobs.model import (
     ACTIVE_STATES,
@@ -50,7 +50,9 @@ def job_to_wire(job: Job) -> WireJob:
 
 
 def job_for(call: Call[Any], job: Job) -> WireJob | dict[str, Any]:
-    """``job`` as the caller's session spells it: protocol 1 sessions get ``job_v1``'s form."""
+    """``job`` as the caller's session spells it: protocol 1 sessions get ``job_v1``'s form.
+    A job the caller is shown is one it may see: so may it read its snapshot and outputs."""
+    grant_snapshots(call, job.snapshot, job.outputs)
     wire = job_to_wire(job)
     return job_v1(wire) if call.session.protocol <= LAST_V1_PROTOCOL else wire
 
@@ -176,7 +178,7 @@ async def jobs_submit(call: Call[ops.JobsSubmitArgs]) -> dict[str, Any]:
     # Shared with syncs, exclusive to a garbage-collection batch: once the snapshot is
     # resolved here, a collection running now keeps it and everything it names.
     async with core.gc_guard():
-        snapshot = await core.resolve_snapshot(call.args["snapshot"])
+        snapshot = await resolve_snapshot(call, call.args["snapshot"])
         resolved: dict[tuple[str, ...], tuple[str, ...]] = {}
         specs = [await _spec(call, raw, snapshot, resolved) for raw in raw_jobs]
         for spec in specs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fetchml.daemon.handlers import Call, handles
+from fetchml.daemon.handlers import Call, handles, resolve_snapshot
 from fetchml.daemon.jobs.model import TERMINAL_STATES, JobState
 from fetchml.daemon.jobs.retention import PruneReport, prune_jobs
 from fetchml.errors import BadRequest
@@ -49,14 +49,14 @@ async def admin_prune(call: Call[ops.AdminPruneArgs]) -> dict[str, Any]:
 
 @handles(ops.SNAPSHOT_PIN)
 async def snapshot_pin(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
-    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    snapshot = await resolve_snapshot(call, call.args["snapshot"])
     await asyncio.to_thread(call.core.pins.pin, snapshot, call.identity.user)
     return {"snapshot": snapshot}
 
 
 @handles(ops.SNAPSHOT_UNPIN)
 async def snapshot_unpin(call: Call[ops.SnapshotArgs]) -> dict[str, Any]:
-    snapshot = await call.core.resolve_snapshot(call.args["snapshot"])
+    snapshot = await resolve_snapshot(call, call.args["snapshot"])
     # an admin (who may prune everyone's jobs) removes every pin; anyone else only their own
     owner = None if call.identity.allows("admin:prune") else call.identity.user
     removed = await asyncio.to_thread(call.core.pins.unpin, snapshot, owner)
