@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from fetchml.cli.context import CliContext, json_option, pass_cli, render_table
-from fetchml.protocol import ops, ops_metrics
+from fetchml.protocol import ops, ops_training
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_WIDTH = 16  # characters of the sparkline of one series
@@ -115,7 +115,7 @@ def metrics(cli: CliContext, jobs: tuple[str, ...], max_points: int | None) -> N
     several = len(details) > 1
     # Only the final values are shown when comparing jobs: ask for the last point alone.
     wanted = 1 if several and not cli.as_json else max_points
-    reply = conn.call(ops_metrics.JOBS_METRICS.name,
+    reply = conn.call(ops_training.JOBS_METRICS.name,
                       {"jobs": [str(job["id"]) for job in details], "max_points": wanted})
     by_id = {entry["job"]: entry for entry in reply["jobs"]}
     entries = [by_id[job["id"]] for job in details]

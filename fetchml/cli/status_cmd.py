@@ -15,7 +15,7 @@ from fetchml.cli.jobs_view import (
     metrics_json,
     table_row,
 )
-from fetchml.protocol import ops, ops_metrics
+from fetchml.protocol import ops, ops_training
 
 STATES = ["held", "queued", "running", "succeeded", "failed", "cancelled", "lost"]
 
@@ -43,7 +43,7 @@ def status(cli: CliContext, job: str | None, all_users: bool, state: tuple[str, 
     if job is not None:
         # pipelined; max_points 1 is the last point of each series
         asked = conn.send(ops.JOBS_GET.name, {"job": job})
-        metrics = conn.send(ops_metrics.JOBS_METRICS.name, {"jobs": [job], "max_points": 1})
+        metrics = conn.send(ops_training.JOBS_METRICS.name, {"jobs": [job], "max_points": 1})
         found = asked.result()
         last = last_metrics(metrics.result()["jobs"][0])
         if cli.as_json:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from fetchml.protocol import ops_cluster, ops_datasets, ops_metrics
+from fetchml.protocol import ops_cluster, ops_datasets, ops_training
 from fetchml.protocol.job import SUBMIT_FIELDS_DOC, WIRE_JOB_DOC
 from fetchml.protocol.schema import Arg, NoArgs, OpSpec, in_range, non_negative
 
@@ -449,7 +449,7 @@ SNAPSHOT_PINS = OpSpec(
 )
 
 # Ops of optional subsystems live in modules of their own.
-_GROUPS = (*ops_cluster.OPS, *ops_datasets.OPS, *ops_metrics.OPS)
+_GROUPS = (*ops_cluster.OPS, *ops_datasets.OPS, *ops_training.OPS)
 
 CATALOGUE: dict[str, OpSpec[Any]] = {
     spec.name: spec

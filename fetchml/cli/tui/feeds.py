@@ -19,7 +19,7 @@ from typing import Any
 
 from fetchml.client import Connection, Pending
 from fetchml.errors import FetchmlError, PermissionDenied, Unavailable
-from fetchml.protocol import ops, ops_metrics
+from fetchml.protocol import ops, ops_training
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class DaemonFeeds:
             return
         try:
             logs = conn.stream(ops.JOBS_LOGS.name, {"job": str(job_id), "follow": True})
-            metrics = conn.stream(ops_metrics.JOBS_METRICS.name,
+            metrics = conn.stream(ops_training.JOBS_METRICS.name,
                                   {"jobs": [str(job_id)], "follow": True,
                                    "max_points": METRICS_POINTS})
         except FetchmlError as exc:

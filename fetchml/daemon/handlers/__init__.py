@@ -77,8 +77,8 @@ def load_all() -> dict[str, Handler[Any]]:
         host,
         jobs,
         logs,
-        metrics,
         prune,
+        training,
         users,
     )
 

@@ -17,8 +17,8 @@ from fetchml.daemon.jobs.model import TERMINAL_STATES, Job
 from fetchml.daemon.observe.series import StoredMetrics, wire_point
 from fetchml.daemon.observe.training import FeedItem, MetricsTracker, thin
 from fetchml.errors import BadRequest
-from fetchml.protocol import ops_metrics
-from fetchml.protocol.ops_metrics import MAX_JOBS
+from fetchml.protocol import ops_training
+from fetchml.protocol.ops_training import MAX_JOBS
 
 # Points in one reply or event, all series together: ~20 bytes each in msgpack, so a reply
 # stays near 4 MiB, well inside the 8 MiB frame limit.
@@ -39,8 +39,8 @@ def entry(job: Job, stored: StoredMetrics, per_series: int,
     return {"job": job.id, "state": job.state.value, **stored.to_wire(per_series, names)}
 
 
-@handles(ops_metrics.JOBS_METRICS)
-async def jobs_metrics(call: Call[ops_metrics.JobsMetricsArgs]) -> dict[str, Any]:
+@handles(ops_training.JOBS_METRICS)
+async def jobs_metrics(call: Call[ops_training.JobsMetricsArgs]) -> dict[str, Any]:
     refs: list[str] = call.args["jobs"]
     if not refs or len(refs) > MAX_JOBS:
         raise BadRequest(f"ask for the metrics of between 1 and {MAX_JOBS} jobs at once")
