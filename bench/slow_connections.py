@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import re
 import resource
 import ssl
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import machine_line, percentile, running_daemon, temp_root
+from bench.common import machine_line, percentile, running_daemon, throwaway_root
 from fetchml.client import Target, connect
 
 SOURCES = [f"127.0.0.{n}" for n in range(2, 202)]  # 200 client addresses
@@ -115,15 +114,16 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * args.connections + 1024), hard))
 
-    with temp_root() as root:
+    with throwaway_root() as root:
         cert, key = _make_cert(root)
         config = root / "daemon.yaml"
         config.write_text(f"tls_cert: {cert}\ntls_key: {key}\nmetrics_listen: 127.0.0.1:0\n")
         print(machine_line(root))
         with running_daemon(root / "state", "--config", str(config),
                             "--listen", "127.0.0.1:0") as daemon:
-            info = json.loads((daemon.state_dir / "daemon.json").read_text())
+            info = daemon.runtime_info
             port = int(str(info["url"]).rsplit(":", 1)[1].split("/")[0])
+            assert daemon.proc is not None
             process = psutil.Process(daemon.proc.pid)
             rss_before = process.memory_info().rss
             attack = Attack()
