@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fetchml.client import Target, connect
 from fetchml.errors import BadRequest, NotFound
 from tests.conftest import make_daemon
 from tests.integration.test_security import start_secure_daemon, stored_snapshot
@@ -94,8 +95,12 @@ def test_silent_and_slow_connections_are_closed_at_the_deadline(short_tmp: Path)
             started = time.monotonic()
             assert _closed_within(silent, 10) and _closed_within(slow, 10)
             assert time.monotonic() - started < 8
-        with daemon.connect() as admin:  # a client that says hello in time is served
-            assert admin.call("host.ping")["time"] > 0
+        with daemon.connect() as admin:
+            key = admin.call("admin.users.add", {"name": "ada", "role": "researcher"})["key"]
+        url = str(daemon.runtime_info["url"])
+        with connect(Target(url=url), api_key=key, ca_file=str(ca)) as tls:
+            time.sleep(2.5)  # past the deadline: a session that said hello is no longer pending
+            assert tls.call("host.ping")["time"] > 0
     finally:
         daemon.stop()
 
