@@ -8,6 +8,7 @@ then one more every two seconds, and reconnects after a pause when the daemon cl
 the daemon refused. Loopback only; bounded in time (``--seconds``) and in connection attempts.
 
 Goals: every ``info`` answers within 1 s; RSS under 300 MB while attacked, under 150 MB after.
+Usage: python bench/slow_connections.py [--connections 5000] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from common import machine_line, percentile, running_daemon, throwaway_root
 
-from bench.common import machine_line, percentile, running_daemon, throwaway_root
 from fetchml.client import Target, connect
 
 SOURCES = [f"127.0.0.{n}" for n in range(2, 202)]  # 200 client addresses

@@ -7,13 +7,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from fetchml.client import Connection, Target, connect, resolve_target
 from fetchml.config import ClientSettings, Loaded, load_client_settings
 from fetchml.errors import Unauthenticated
+
+if TYPE_CHECKING:  # the client is imported when a command connects: --help needs none of it
+    from fetchml.client import Connection, Target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,9 +43,13 @@ class CliContext:
         return self.loaded.settings
 
     def target(self) -> Target:
+        from fetchml.client import resolve_target
+
         return resolve_target(self.loaded, self.env)
 
     def connect(self) -> Connection:
+        from fetchml.client import connect
+
         if self._conn is None:
             target, settings = self.target(), self.settings
             ca_file = str(settings.ca_file) if settings.ca_file else None
