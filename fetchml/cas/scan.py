@@ -15,6 +15,7 @@ from pathlib import Path
 from fetchml.cas.hashing import hash_fd
 from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
+from fetchml.cas.paths import link_target_problem, path_problem
 from fetchml.cas.statcache import StatCache
 from fetchml.errors import BadRequest, NotFound, TooLarge
 from fetchml.units import human_bytes
@@ -67,12 +68,18 @@ def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
+def _keep_all(_rel_path: str) -> bool:
+    return False
+
+
 @dataclass
 class _Walk:
     root: Path
-    rules: IgnoreRules
+    rules: IgnoreRules | None  # None: nothing is ignored
     cache: StatCache | None
     max_file_size: int
+    # When a list: what a snapshot cannot hold is left out and said here, instead of failing.
+    dropped: list[str] | None = None
     entries: list[ManifestEntry] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
     # Directories with a file or link directly in them (the others may be empty).
@@ -94,6 +101,9 @@ class _Walk:
                     raise
                 continue  # removed or replaced while scanning: it is simply not there now
             except OSError as exc:
+                if rel_dir and self.dropped is not None:
+                    self._drop(f"directory {rel_dir!r} cannot be read ({exc.strerror})")
+                    continue
                 raise BadRequest(
                     f"cannot read directory {rel_dir or '.'!r} ({exc.strerror}); "
                     "fix its permissions or add it to .fetchmlignore",
@@ -109,7 +119,8 @@ class _Walk:
         pending: list[tuple[str, str, str]],
     ) -> None:
         # Rules see the on-disk name: nested .gitignore and pyvenv.cfg are looked up by it.
-        file_ignored = self.rules.file_matcher(raw_dir)
+        rules = self.rules
+        file_ignored = rules.file_matcher(raw_dir) if rules is not None else _keep_all
         raw_prefix = f"{raw_dir}/" if raw_dir else ""
         prefix = f"{rel_dir}/" if rel_dir else ""
         names: dict[str, str] = {}
@@ -121,11 +132,22 @@ class _Walk:
             except FileNotFoundError:
                 continue
             if is_dir:
-                if self.rules.is_ignored(raw_rel, True):
+                if rules is not None and rules.is_ignored(raw_rel, True):
                     continue
             elif file_ignored(raw_rel):
                 continue
-            rel = prefix + self._checked_name(rel_dir, child.name, names)
+            if self.dropped is None:
+                rel = prefix + self._checked_name(rel_dir, child.name, names)
+            else:
+                try:
+                    rel = prefix + self._checked_name(rel_dir, child.name, names)
+                except BadRequest as exc:
+                    self._drop(exc.message.split("; ")[0])
+                    continue
+                problem = path_problem(rel)
+                if problem is not None:
+                    self._drop(f"the path {rel!r} {problem}")
+                    continue
             if is_link:
                 self._add_link(rel, rel_dir, child.path)
             elif is_dir:
@@ -171,13 +193,22 @@ class _Walk:
         try:
             target.encode("utf-8")
         except UnicodeEncodeError:
+            if self.dropped is not None:
+                self._drop(f"the target of symlink {rel!r} is not valid UTF-8")
+                return
             raise BadRequest(
                 f"the target of symlink {rel!r} is not valid UTF-8; change it or ignore the "
                 "link in .fetchmlignore",
                 details={"path": rel},
             ) from None
         # Names are stored NFC, so a link must name them the same way to still resolve.
-        self.entries.append(ManifestEntry.link(rel, unicodedata.normalize("NFC", target)))
+        target = unicodedata.normalize("NFC", target)
+        if self.dropped is not None:
+            problem = link_target_problem(rel, target)
+            if problem is not None:
+                self._drop(f"symlink {rel!r} {problem}")
+                return
+        self.entries.append(ManifestEntry.link(rel, target))
         self.holders.add(rel_dir)
 
     def _add_file(self, rel: str, rel_dir: str, child: os.DirEntry[str]) -> None:
@@ -187,6 +218,8 @@ class _Walk:
             return
         if not stat.S_ISREG(st.st_mode):
             logger.warning("skipping %r: not a regular file, directory or symlink", rel)
+            if self.dropped is not None:
+                self._drop(f"{rel!r} is not a regular file, directory or symlink")
             return
         if st.st_size > self.max_file_size:
             self.too_large.append((st.st_size, rel))
@@ -194,7 +227,13 @@ class _Walk:
         executable = bool(st.st_mode & stat.S_IXUSR)
         oid = self.cache.lookup(rel, st, executable) if self.cache is not None else None
         if oid is None:
-            hashed = self._hash(rel, child.path)
+            try:
+                hashed = self._hash(rel, child.path)
+            except BadRequest as exc:
+                if self.dropped is None:
+                    raise
+                self._drop(exc.message.split("; ")[0])
+                return
             if hashed is None:
                 return
             oid, st, hashed_at_ns = hashed
@@ -243,6 +282,11 @@ class _Walk:
             details={"path": rel},
         )
 
+    def _drop(self, why: str) -> None:
+        """Say why an entry is left out of the snapshot (only with ``dropped``)."""
+        assert self.dropped is not None
+        self.dropped.append(f"{why}: left out")
+
     def check_sizes(self) -> None:
         if not self.too_large:
             return
@@ -271,18 +315,24 @@ class _Walk:
 def scan_tree(
     root: Path,
     *,
-    rules: IgnoreRules,
+    rules: IgnoreRules | None,
     cache: StatCache | None,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    dropped: list[str] | None = None,
 ) -> ScanResult:
     """Snapshot the tree at ``root``: never follows symlinks, skips ignored paths.
 
+    With ``rules`` None nothing is ignored (a job's outputs are kept as written). With a
+    ``dropped`` list, what a snapshot cannot hold faithfully (a symlink whose target is
+    absolute or leaves the tree, a name that is not UTF-8 or not a valid snapshot path, a
+    file that is not regular, or that cannot be read) is left out and described there, one
+    sentence each, instead of failing the scan; links that stay inside are kept as links.
     With a cache, only files whose stat changed are read; call ``cache.save()`` afterwards.
     """
     root = Path(root)
     if not root.is_dir():
         raise NotFound(f"{root} is not a directory; run fetchml from your project directory")
-    walk = _Walk(root, rules, cache, max_file_size)
+    walk = _Walk(root, rules, cache, max_file_size, dropped)
     walk.run()
     walk.check_sizes()
     walk.entries.extend(ManifestEntry.dir(path) for path in walk.empty_dirs())

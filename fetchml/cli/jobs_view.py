@@ -126,6 +126,9 @@ def detail_lines(raw: Mapping[str, Any], metrics: LastMetrics | None = None) -> 
         ("cpu time", f"{job['cpu_time']:.2f}s" if job.get("cpu_time") is not None else "-"),
         ("outputs", (job.get("outputs") or "-")[:12]),
     ]
+    if job.get("outputs_error"):
+        rows.append(("", f"not stored: {job['outputs_error']}"))
+    rows += [("", f"warning: {warning}") for warning in job.get("warnings") or ()]
     if metrics:
         rows.append(("metrics", metrics_line(metrics)))
     if job.get("datasets"):

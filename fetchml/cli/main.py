@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "wait": ("wait_cmd", "wait", "Wait until jobs end; exit 0 only if all succeeded."),
     "cancel": ("cancel_cmd", "cancel", "Cancel queued or running jobs."),
     "pull": ("pull_cmd", "pull", "Download a job's outputs."),
+    "outputs": ("outputs_cmd", "outputs", "Store outputs a job left behind (a full disk)."),
     "prune": ("prune_cmd", "prune", "Delete old finished runs; garbage-collect the store."),
     "pin": ("pin_cmd", "pin", "Keep a snapshot from garbage collection."),
     "unpin": ("pin_cmd", "unpin", "Let garbage collection take a snapshot again."),

@@ -26,6 +26,9 @@ def pull(cli: CliContext, job: str, dest: Path | None) -> None:
         raise Conflict(f"job {found['id']} is {found['state']}; its outputs arrive when it "
                        f"ends (`fetchml wait {found['id']}`)")
     if not found.get("outputs"):
+        if found.get("outputs_error"):
+            raise Conflict(f"job {found['id']}'s outputs are not stored: "
+                           f"{found['outputs_error']}")
         raise NotFound(f"job {found['id']} has no outputs: it wrote nothing to "
                        "$FETCHML_OUTPUT_DIR")
     target = dest or cli.cwd / "outputs" / str(found["id"])
@@ -34,10 +37,14 @@ def pull(cli: CliContext, job: str, dest: Path | None) -> None:
     # In a cluster the outputs are stored where the job ran: have this daemon fetch them.
     conn.call(ops_cluster.CLUSTER_OUTPUTS.name, {"job": str(found["id"])})
     manifest = download_snapshot(conn, found["outputs"], target)
+    warnings = list(found.get("warnings") or ())
     summary = {"job": found["id"], "dest": str(target), "snapshot": found["outputs"],
-               "files": manifest.file_count, "bytes": manifest.total_bytes}
+               "files": manifest.file_count, "bytes": manifest.total_bytes,
+               "warnings": warnings}
     if cli.as_json:
         cli.emit_json(summary)
     else:
         cli.say(f"pulled {manifest.file_count} files ({human_bytes(manifest.total_bytes)}) "
                 f"into {target}")
+        for warning in warnings:
+            cli.note(f"warning: {warning}")

@@ -28,6 +28,7 @@ from fetchml.daemon.isolation.service import Isolation, open_isolation
 from fetchml.daemon.jobs.gc import GarbageCollector, SweepGate
 from fetchml.daemon.jobs.inventory import HostInventory, detect_inventory
 from fetchml.daemon.jobs.model import Job, JobSpec
+from fetchml.daemon.jobs.outputs import PENDING_RETRY_S
 from fetchml.daemon.jobs.retention import Pins, prune_jobs
 from fetchml.daemon.jobs.runner import Runner
 from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
@@ -185,6 +186,9 @@ class DaemonCore:
             await cluster.stop_orphaned_attempts(adopted)
         await self.scheduler.start()
         self.scheduler.wake()
+        # Outputs that could not be stored before (a full disk) are tried now and then again.
+        await stack.enter_async_context(periodic(PENDING_RETRY_S, runner.outputs.retry_pending,
+                                                 name="outputs-pending", at_once=True))
         if s.retention_older_than is not None:
             await stack.enter_async_context(periodic(s.retention_interval, self.apply_retention,
                                                      name="retention"))
@@ -211,6 +215,7 @@ class DaemonCore:
     async def apply_retention(self) -> None:
         """The configured retention policy: prune old finished jobs of everyone, then gc."""
         s = self.settings
+        await self.runner.outputs.retry_pending()
         jobs, runs, _ = await prune_jobs(self.jobs, self.runner.runs_dir, owner=None,
                                          states=None, older_than=s.retention_older_than,
                                          keep=s.retention_keep, dry_run=False)

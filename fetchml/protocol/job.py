@@ -81,6 +81,8 @@ class WireJob(TypedDict):
     peak_rss: int | None  # bytes
     cpu_time: float | None  # seconds
     outputs: str | None  # snapshot id of its outputs
+    outputs_error: str | None  # why outputs it wrote are not stored (they stay on its host)
+    warnings: list[str]  # entries left out of its outputs, and why
 
 
 WIRE_JOB_FIELDS: tuple[str, ...] = tuple(WireJob.__annotations__)
@@ -90,7 +92,8 @@ WIRE_JOB_DOC = (
     '"memory", "gpus" (how many), "timeout", "retries", "after", "labels", "datasets", '
     '"isolation", "network", "attempt", "reason", "created_at", "queued_at", "started_at", '
     '"finished_at", "host", "gpu_ids" (indices given), "exit_code", "signal", "peak_rss", '
-    '"cpu_time", "outputs"}'
+    '"cpu_time", "outputs", "outputs_error" (why they are not stored), "warnings" (what was '
+    'left out of them)}'
 )
 
 # The last protocol version whose sessions get jobs spelled as ``job_v1`` spells them.
@@ -114,7 +117,10 @@ def job_v1(job: WireJob) -> dict[str, Any]:
 def read_job(data: Mapping[str, Any]) -> WireJob:
     """A job received from a daemon, in protocol 2's spelling whichever the daemon used."""
     if "max_attempts" not in data:
-        return cast(WireJob, data)
+        if "warnings" in data:
+            return cast(WireJob, data)
+        # a daemon from before outputs said why they were not stored, or what was left out
+        return cast(WireJob, {**data, "outputs_error": None, "warnings": []})
     job: dict[str, Any] = {}
     for key in WIRE_JOB_FIELDS:
         value = data.get(V1_NAMES.get(key, key))
@@ -122,5 +128,7 @@ def read_job(data: Mapping[str, Any]) -> WireJob:
             value = max(0, (value or 1) - 1)
         elif key == "network":  # older daemons had no such field: no network asked
             value = bool(value)
+        elif key == "warnings":
+            value = list(value or ())
         job[key] = value
     return cast(WireJob, job)

@@ -261,6 +261,17 @@ JOBS_CANCEL = OpSpec(
 )
 
 
+OUTPUTS_STORE = OpSpec(
+    "outputs.store",
+    "Stores the outputs a job left in its run directory because they could not be stored "
+    "when it ended (the disk was full, the attempt was lost); the job keeps its state. The "
+    "owner's jobs, or anyone's with admin:prune.",
+    args=(Arg("job", str, "job id", required=True),),
+    result='{"job": job, "stored": bool (false: they were stored already)}',
+    params=JobArgs, permissions=("jobs:read", "cas:write"), audited=True,
+)
+
+
 class JobsWaitArgs(TypedDict):
     jobs: list[str]
     timeout: float | None
@@ -472,6 +483,7 @@ CATALOGUE: dict[str, OpSpec[Any]] = {
         JOBS_WAIT,
         JOBS_LOGS,
         JOBS_EVENTS,
+        OUTPUTS_STORE,
         ADMIN_FSCK,
         ADMIN_USERS_ADD,
         ADMIN_USERS_LIST,

@@ -49,6 +49,7 @@ POLICY: dict[str, tuple[tuple[str, ...], bool, bool, bool]] = {
     "jobs.wait": (("jobs:read",), False, False, False),
     "jobs.logs": (("jobs:read",), False, False, False),
     "jobs.events": (("jobs:read",), False, False, False),
+    "outputs.store": (("jobs:read", "cas:write"), True, False, False),
     "jobs.metrics": (("jobs:read",), False, False, False),
     "admin.fsck": (("admin:fsck",), False, False, False),
     "admin.users.add": (("admin:users",), True, False, False),
@@ -112,7 +113,7 @@ V1_KEYS = ["id", "name", "owner", "state", "priority", "snapshot", "argv", "env"
            "cpus", "memory", "gpus_requested", "timeout", "max_attempts", "after", "labels",
            "datasets", "isolation", "network", "attempt", "reason", "created_at", "queued_at",
            "started_at", "finished_at", "host", "gpus", "exit_code", "signal", "peak_rss",
-           "cpu_time", "outputs"]
+           "cpu_time", "outputs", "outputs_error", "warnings"]
 
 
 def stored_job(**more: Any) -> Job:

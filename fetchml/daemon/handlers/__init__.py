@@ -77,6 +77,7 @@ def load_all() -> dict[str, Handler[Any]]:
         host,
         jobs,
         logs,
+        outputs,
         prune,
         training,
         users,

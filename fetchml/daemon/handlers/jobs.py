@@ -46,6 +46,7 @@ def job_to_wire(job: Job) -> WireJob:
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
         "gpu_ids": list(job.gpu_ids), "exit_code": job.exit_code, "signal": job.signal,
         "peak_rss": job.peak_rss, "cpu_time": job.cpu_time, "outputs": job.outputs,
+        "outputs_error": job.outputs_error, "warnings": list(job.warnings),
     }
 
 

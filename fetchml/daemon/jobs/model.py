@@ -236,6 +236,10 @@ class Job(JobSpec):
     peak_rss: int | None = None  # bytes
     cpu_time: float | None = None  # seconds, user + system
     outputs: str | None = None  # snapshot id of the ingested outputs
+    # Why outputs the attempt wrote are not stored (they stay in its run directory), or None.
+    outputs_error: str | None = None
+    # What the job should know about its outputs: entries left out of them, and why.
+    warnings: tuple[str, ...] = ()
     cancel_requested: bool = False
 
     def __post_init__(self) -> None:
@@ -257,6 +261,8 @@ class Job(JobSpec):
         _optional(_int, self.signal, "signal", low=1)
         _optional(_int, self.peak_rss, "peak_rss", low=0)
         _optional(_str, self.outputs, "outputs")
+        _optional(_str, self.outputs_error, "outputs_error")
+        _set(self, "warnings", _str_tuple(self.warnings, "warnings"))
         if not isinstance(self.cancel_requested, bool):
             raise BadRequest(
                 f"cancel_requested must be true or false, not {self.cancel_requested!r}"
@@ -284,6 +290,8 @@ class AttemptResult:
     cpu_time: float | None = None
     outputs: str | None = None
     reason: str | None = None
+    outputs_error: str | None = None  # why outputs it wrote are not stored
+    warnings: tuple[str, ...] = ()  # entries left out of the outputs, and why
 
     def __post_init__(self) -> None:
         if self.state not in TERMINAL_STATES:
@@ -296,6 +304,8 @@ class AttemptResult:
         _set(self, "cpu_time", _optional(_float, self.cpu_time, "cpu_time"))
         _optional(_str, self.outputs, "outputs")
         _optional(_str, self.reason, "reason")
+        _optional(_str, self.outputs_error, "outputs_error")
+        _set(self, "warnings", _str_tuple(self.warnings, "warnings"))
 
 
 @dataclass(frozen=True)

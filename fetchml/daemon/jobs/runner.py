@@ -27,13 +27,21 @@ from pathlib import Path
 
 import psutil
 
-from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.materialize import materialize
 from fetchml.cas.objects import ObjectStore
-from fetchml.cas.scan import scan_tree
 from fetchml.daemon.jobs.inventory import HostInventory
 from fetchml.daemon.jobs.model import AttemptResult, Job, JobState
+from fetchml.daemon.jobs.outputs import (
+    NOT_STORED,
+    OVER_LIMIT,
+    Ingested,
+    PendingOutputs,
+    ingest,
+    is_empty_dir,
+    lost_outputs,
+    not_stored,
+)
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.supervise.launcher import SupervisorLauncher
 from fetchml.daemon.supervise.processes import (
@@ -60,8 +68,6 @@ PRIVATE_ENV_PREFIXES = ("FETCHML_",)
 PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                          "LISTEN_PID", "LISTEN_FDNAMES", "CUDA_VISIBLE_DEVICES",
                          "NVIDIA_VISIBLE_DEVICES", "INVOCATION_ID", "JOURNAL_STREAM"})
-# Outputs may be large checkpoints: they are never refused for size.
-OUTPUT_MAX_FILE = 1 << 50
 # After a crash, how long an attempt with a spec but no supervisor may take to show one: a
 # supervisor handed its run directory locks spec.json within milliseconds.
 ADOPT_GRACE_S = 2.0
@@ -86,10 +92,17 @@ class Attempt:
     create_time: float
 
 
-def result_from_status(job: Job, status: RunStatus, outputs: str | None) -> AttemptResult:
-    """How the supervisor's status.json reads as an attempt's result."""
+def result_from_status(job: Job, status: RunStatus, outputs: str | None,
+                       outputs_error: str | None = None,
+                       warnings: tuple[str, ...] = ()) -> AttemptResult:
+    """How the supervisor's status.json reads as an attempt's result.
+
+    Outputs that could not be stored (``outputs_error``) fail an attempt that would otherwise
+    have succeeded, with that reason.
+    """
     common = {"exit_code": status.exit_code, "signal": status.signal,
-              "peak_rss": status.peak_rss, "cpu_time": status.cpu_time, "outputs": outputs}
+              "peak_rss": status.peak_rss, "cpu_time": status.cpu_time, "outputs": outputs,
+              "outputs_error": outputs_error, "warnings": warnings}
     if status.reason == "cancelled":  # the store keeps the reason given with the cancel
         return AttemptResult(JobState.CANCELLED, **common)  # type: ignore[arg-type]
     if status.reason == "timeout":
@@ -101,8 +114,16 @@ def result_from_status(job: Job, status: RunStatus, outputs: str | None) -> Atte
     if status.reason == "spawn_failed":
         return AttemptResult(JobState.FAILED, **common,  # type: ignore[arg-type]
                              reason=status.error or "the command could not be started")
+    if status.exit_code == 0 and outputs_error is not None:
+        return AttemptResult(JobState.FAILED, **common,  # type: ignore[arg-type]
+                             reason=NOT_STORED + outputs_error)
     if status.exit_code == 0:
         return AttemptResult(JobState.SUCCEEDED, **common)  # type: ignore[arg-type]
+    if status.error:  # e.g. the disk was full when the supervisor recorded the end
+        how = (f": killed by signal {status.signal}" if status.signal is not None
+               else f": exit {status.exit_code}" if status.exit_code is not None else "")
+        return AttemptResult(JobState.FAILED, **common,  # type: ignore[arg-type]
+                             reason=f"attempt {job.attempt} failed{how}; {status.error}")
     return AttemptResult(JobState.FAILED, **common)  # type: ignore[arg-type]
 
 
@@ -122,14 +143,6 @@ def lock_holder(path: Path) -> int | None:
             if pid > 0:
                 return pid
     return None
-
-
-def _is_empty_dir(path: Path) -> bool:
-    try:
-        with os.scandir(path) as entries:
-            return next(entries, None) is None
-    except OSError:
-        return True
 
 
 @dataclass
@@ -171,6 +184,9 @@ class Runner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._manifests: dict[str, SnapshotManifest] = {}
         self.hooks = hooks or RunnerHooks()
+        self.outputs = PendingOutputs(state_dir=state_dir, host=host, store=store,
+                                      objects=objects, snapshots=snapshots,
+                                      run_dir_of=self.run_dir, on_change=on_change)
 
     async def open(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -297,21 +313,6 @@ class Runner:
         await self._conclude(attempt.job, attempt.run_dir)
 
     # -- ending -----------------------------------------------------------------------------
-    def _ingest_outputs(self, outputs: Path) -> str | None:
-        """Store the outputs directory as a snapshot; None when the job wrote nothing."""
-        if not outputs.is_dir() or _is_empty_dir(outputs):
-            return None
-        scan = scan_tree(outputs, rules=IgnoreRules.load(outputs), cache=None,
-                         max_file_size=OUTPUT_MAX_FILE)
-        stored = dict(self.objects.put_files(scan.sources.values()))
-        if set(stored) != set(scan.sources):
-            raise Conflict("outputs changed while they were being stored; the job's "
-                           "processes must stop writing them before they exit")
-        manifest = scan.manifest
-        if not self.snapshots.contains(manifest.snapshot_id):
-            self.snapshots.put_bytes(manifest.encode())
-        return manifest.snapshot_id
-
     async def _conclude(self, job: Job, run_dir: Path) -> None:
         """Record how the attempt ended; its supervisor is gone."""
         status = read_status(run_dir)
@@ -323,16 +324,23 @@ class Runner:
         # this result: the claim is what a waiting job's start hangs on, and both then go to
         # the store together, in one commit.
         await asyncio.sleep(0)
-        outputs = None
+        ingested, error = Ingested(None), None
         # Outputs over their limit stay in the run directory: storing them is what it prevents.
         outputs_dir = RunDir(run_dir).outputs
-        if status.limit != "output" and not _is_empty_dir(outputs_dir):
-            try:
-                outputs = await asyncio.to_thread(self._ingest_outputs, outputs_dir)
-            except (FetchmlError, OSError) as exc:
-                log.warning("job %d: outputs not stored: %s", job.id, exc)
+        if not await asyncio.to_thread(is_empty_dir, outputs_dir):
+            if status.limit == "output":
+                error = OVER_LIMIT
+            else:
+                try:
+                    ingested = await asyncio.to_thread(ingest, self.objects, self.snapshots,
+                                                       outputs_dir)
+                except (FetchmlError, OSError) as exc:
+                    log.warning("job %d: outputs not stored: %s", job.id, exc)
+                    error = not_stored(job.id, exc)
+                    await asyncio.to_thread(self.outputs.mark, job.id, job.attempt)
+        result = result_from_status(job, status, ingested.snapshot, error, ingested.warnings)
         # finished when its processes ended, not when the daemon got round to recording it
-        await self._record(job, result_from_status(job, status, outputs), status.finished_at)
+        await self._record(job, result, status.finished_at)
 
     async def _lost(self, job: Job, run_dir: Path, why: str) -> None:
         info = read_supervisor_info(run_dir)
@@ -340,7 +348,11 @@ class Runner:
             log.warning("job %d: killed its orphaned process group", job.id)
         log.warning("job %d attempt %d: %s", job.id, job.attempt, why)
         self._ended(job.id)
-        await self._record(job, AttemptResult(JobState.LOST, reason=why))
+        error = None
+        if not await asyncio.to_thread(is_empty_dir, RunDir(run_dir).outputs):
+            error = lost_outputs(job.id)
+            await asyncio.to_thread(self.outputs.mark, job.id, job.attempt)
+        await self._record(job, AttemptResult(JobState.LOST, reason=why, outputs_error=error))
 
     async def _record(self, job: Job, result: AttemptResult, ended: float | None = None) -> None:
         """Store ``result`` for the attempt ``job`` holds (fenced by its attempt number)."""

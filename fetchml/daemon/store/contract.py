@@ -94,6 +94,16 @@ class JobStore(ABC):
         """
 
     @abstractmethod
+    async def store_outputs(self, job_id: int, attempt: int, outputs: str,
+                            warnings: Sequence[str], reason: str | None) -> Job:
+        """Record outputs stored after ``attempt`` ended without them; return the job.
+
+        Fenced: the job must have ended at exactly ``attempt`` with no outputs, else Conflict;
+        an unknown job is NotFound. Sets ``outputs``, ``warnings`` and ``reason``, and clears
+        ``outputs_error``; the state stays what it is.
+        """
+
+    @abstractmethod
     async def cancel(self, job_id: int, *, reason: str, now: float) -> Job:
         """Cancel a job and return it afterwards; NotFound when it does not exist.
 

@@ -114,6 +114,13 @@ class MemoryJobStore(JobStore):
         async with self._lock:
             return await transitions.finish(_MemoryTransaction(self), job_id, attempt, result, now)
 
+    async def store_outputs(self, job_id: int, attempt: int, outputs: str,
+                            warnings: Sequence[str], reason: str | None) -> Job:
+        self._check_open()
+        async with self._lock:
+            return await transitions.store_outputs(_MemoryTransaction(self), job_id, attempt,
+                                                   outputs, warnings, reason)
+
     async def cancel(self, job_id: int, *, reason: str, now: float) -> Job:
         self._check_open()
         async with self._lock:

@@ -400,6 +400,11 @@ class RedisJobStore(JobStore):
         return await self._transact(
             lambda tx: transitions.finish(tx, job_id, attempt, result, now))
 
+    async def store_outputs(self, job_id: int, attempt: int, outputs: str,
+                            warnings: Sequence[str], reason: str | None) -> Job:
+        return await self._transact(lambda tx: transitions.store_outputs(
+            tx, job_id, attempt, outputs, warnings, reason))
+
     async def cancel(self, job_id: int, *, reason: str, now: float) -> Job:
         return await self._transact(lambda tx: transitions.cancel(tx, job_id, reason, now))
 

@@ -358,6 +358,12 @@ class SqliteJobStore(JobStore):
     async def finish(self, job_id: int, attempt: int, result: AttemptResult, now: float) -> Job:
         return await self._write(lambda tx: transitions.finish(tx, job_id, attempt, result, now))
 
+    async def store_outputs(self, job_id: int, attempt: int, outputs: str,
+                            warnings: Sequence[str], reason: str | None) -> Job:
+        warnings = list(warnings)
+        return await self._write(lambda tx: transitions.store_outputs(
+            tx, job_id, attempt, outputs, warnings, reason))
+
     async def cancel(self, job_id: int, *, reason: str, now: float) -> Job:
         return await self._write(lambda tx: transitions.cancel(tx, job_id, reason, now))
 

@@ -129,6 +129,8 @@ async def claim(tx: JobTransaction, claims: Sequence[Claim], now: float) -> list
             peak_rss=None,
             cpu_time=None,
             outputs=None,
+            outputs_error=None,
+            warnings=(),
         )
         await tx.update(job)
         started.append(job)
@@ -147,6 +149,22 @@ async def finish(
     job = _after_attempt(job, result, now)
     await tx.update(job)
     await _settle_dependents(tx, job, now)
+    return job
+
+
+async def store_outputs(
+    tx: JobTransaction, job_id: int, attempt: int, outputs: str, warnings: Sequence[str],
+    reason: str | None,
+) -> Job:
+    job = await _require(tx, job_id)
+    if job.state not in TERMINAL_STATES or job.attempt != attempt or job.outputs is not None:
+        raise Conflict(
+            f"the outputs of attempt {attempt} of job {job_id} are no longer awaited (the job "
+            f"is {job.state} at attempt {job.attempt}); they were not recorded"
+        )
+    job = replace(job, outputs=outputs, outputs_error=None, warnings=tuple(warnings),
+                  reason=reason)
+    await tx.update(job)
     return job
 
 
@@ -191,6 +209,8 @@ def _after_attempt(job: Job, result: AttemptResult, now: float) -> Job:
         peak_rss=result.peak_rss,
         cpu_time=result.cpu_time,
         outputs=result.outputs,
+        outputs_error=result.outputs_error,
+        warnings=result.warnings,
         finished_at=now,
     )
     if result.state is JobState.SUCCEEDED:

@@ -6,8 +6,9 @@ cwd), ``outputs/`` (``$FETCHML_OUTPUT_DIR``), ``metrics.jsonl`` (``$FETCHML_METR
 ``data/`` (dataset links, when the job asked for datasets) and, for podman, ``podman.env``;
 the supervisor writes ``supervisor.json`` once the job started, the job's output to
 ``output.log`` with its timestamps in ``output.idx``, its own diagnostics to
-``supervisor.log``, and ``status.json`` last of all; the daemon keeps the training metrics
-in ``metrics.msgpack`` once the attempt ended.
+``supervisor.log``, and ``status.json`` last of all (into the space it set aside in
+``.status.reserve`` when it started, should the disk be full by then); the daemon keeps the
+training metrics in ``metrics.msgpack`` once the attempt ended.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 SPEC_FILE = "spec.json"
 SUPERVISOR_FILE = "supervisor.json"
 STATUS_FILE = "status.json"
+STATUS_RESERVE = ".status.reserve"  # space set aside for status.json on a full disk
 SUPERVISOR_LOG = "supervisor.log"
 DEFAULT_LOG = "output.log"
 INDEX_FILE_SUFFIX = ".idx"  # output.log -> output.idx
@@ -28,7 +30,8 @@ METRICS_FILE = "metrics.jsonl"  # what the job writes
 SERIES_FILE = "metrics.msgpack"  # the daemon's bounded copy, written when the attempt ends
 PODMAN_ENV_FILE = "podman.env"
 # What the daemon and the supervisor keep there for themselves: never the job's to write.
-PRIVATE_FILES = frozenset({SPEC_FILE, SUPERVISOR_FILE, STATUS_FILE, SUPERVISOR_LOG, DEFAULT_LOG,
+PRIVATE_FILES = frozenset({SPEC_FILE, SUPERVISOR_FILE, STATUS_FILE, STATUS_RESERVE,
+                           SUPERVISOR_LOG, DEFAULT_LOG,
                            Path(DEFAULT_LOG).with_suffix(INDEX_FILE_SUFFIX).name,
                            PODMAN_ENV_FILE})
 
@@ -51,6 +54,10 @@ class RunDir:
     @property
     def spec(self) -> Path:
         return self.path / SPEC_FILE
+
+    @property
+    def status_reserve(self) -> Path:
+        return self.path / STATUS_RESERVE
 
     @property
     def supervisor(self) -> Path:

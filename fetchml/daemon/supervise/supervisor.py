@@ -26,7 +26,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -55,6 +55,10 @@ KILL_RETRY_INTERVAL = 0.1  # after SIGKILL, send it again this often: a fork may
 KILL_WAIT_LIMIT = 5.0  # seconds to wait for SIGKILLed processes (D state) before giving up
 EXIT_ALREADY_SUPERVISED = 3  # supervisor exit code: another supervisor holds this run directory
 PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+# Set aside for status.json when the supervisor starts: a job that fills the disk must still
+# be recorded as ended, not lost (a status is a few hundred bytes; blocks are up to 64 KiB).
+STATUS_RESERVE_BYTES = 64 * 1024
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 CANCEL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 WAKE_SIGNALS = CANCEL_SIGNALS | {signal.SIGCHLD}
@@ -79,6 +83,7 @@ def run_supervisor(run_dir: Path) -> int:
         logger.error("%s is already run by another supervisor", run_dir)
         return EXIT_ALREADY_SUPERVISED
     # spec_fd stays open (and locked) until this process exits.
+    _reserve_status_space(run_dir)
     try:
         spec = RunSpec.from_dict(json.loads(read_to_end(spec_fd)))
     except (BadRequest, ValueError, OSError) as exc:
@@ -129,13 +134,55 @@ def warm_up() -> None:
     json.dumps(status.to_dict())
 
 
-def _finish(run_dir: Path, status: RunStatus) -> int:
+def _reserve_status_space(run_dir: Path) -> None:
+    """Write (not allocate: some filesystems would not keep it) the space status.json needs."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        write_json_atomic(RunDir(run_dir).status, status.to_dict())
+        fd = os.open(RunDir(run_dir).status_reserve, flags, 0o600)
+        try:
+            os.write(fd, b"\n" * STATUS_RESERVE_BYTES)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        logger.error("cannot write %s: %s", RunDir(run_dir).status, exc)
-        return 1
+        logger.warning("cannot set space aside for %s: %s", RunDir(run_dir).status, exc.strerror)
+
+
+def _finish(run_dir: Path, status: RunStatus) -> int:
+    paths = RunDir(run_dir)
+    try:
+        write_json_atomic(paths.status, status.to_dict())
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or not _finish_in_reserve(paths, status):
+            logger.error("cannot write %s: %s", paths.status, exc)
+            return 1
+    with contextlib.suppress(OSError):
+        os.unlink(paths.status_reserve)
     return 0
+
+
+def _finish_in_reserve(paths: RunDir, status: RunStatus) -> bool:
+    """Write status.json into the space set aside for it, the disk being full; the status
+    then says so. Overwriting blocks a file already has needs no free space."""
+    note = "the disk was full when the job ended"
+    status = replace(status, error=f"{status.error}; {note}" if status.error else note)
+    data = json.dumps(status.to_dict()).encode()
+    with contextlib.suppress(OSError):
+        os.unlink(paths.path / f".{paths.status.name}.tmp")  # write_json_atomic's, unwritten
+    try:
+        fd = os.open(paths.status_reserve, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < len(data):
+                return False
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+        os.replace(paths.status_reserve, paths.status)
+    except OSError as exc:
+        logger.error("cannot write %s even into the space set aside: %s", paths.status, exc)
+        return False
+    logger.warning("wrote %s into the space set aside: the disk is full", paths.status)
+    return True
 
 
 def _failed_status(error: str, exit_code: int | None, started_at: float) -> RunStatus:
