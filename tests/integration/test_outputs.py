@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from fetchml.errors import NotFound, PermissionDenied
+from fetchml.protocol import ops
 from tests.conftest import DaemonProcess, make_daemon
 from tests.integration.test_jobs_cli import queue, status
+from tests.integration.test_security import stored_snapshot
 
 WRITTEN = {
     ".git/HEAD": "ref: refs/heads/main\n",
@@ -95,6 +98,32 @@ def test_a_link_out_of_the_outputs_is_dropped_with_a_warning(daemon: DaemonProce
     assert os.readlink(dest / "same") == "result.txt"
     assert not (dest / "passwd").is_symlink() and not (dest / "up").is_symlink()
     assert "warning: symlink 'passwd'" in pulled.stderr
+
+
+def test_storing_outputs_later_is_the_owners_or_an_admins(daemon: DaemonProcess) -> None:
+    with daemon.connect() as admin:
+        keys = {name: admin.call(ops.ADMIN_USERS_ADD.name, {"name": name, "role": role})["key"]
+                for name, role in (("alice", "researcher"), ("bob", "researcher"),
+                                   ("carol", "analyst"))}
+        with daemon.connect(api_key=keys["alice"]) as alice:
+            job = alice.call(ops.JOBS_SUBMIT.name, {
+                "snapshot": stored_snapshot(alice),
+                "jobs": [{"argv": ["sh", "-c", 'echo x > "$FETCHML_OUTPUT_DIR/x"']}]})["jobs"][0]
+            job_id = str(job["id"])
+            done = alice.stream(ops.JOBS_WAIT.name, {"jobs": [job_id], "timeout": 60})
+            list(done.events())
+            mine = alice.call(ops.OUTPUTS_STORE.name, {"job": job_id})
+            assert mine["stored"] is False and mine["job"]["outputs"]
+        with daemon.connect(api_key=keys["bob"]) as bob:
+            with pytest.raises(NotFound) as theirs:
+                bob.call(ops.OUTPUTS_STORE.name, {"job": job_id})
+            with pytest.raises(NotFound) as missing:
+                bob.call(ops.OUTPUTS_STORE.name, {"job": "999999"})
+            assert theirs.value.message.replace(job_id, "N") == \
+                missing.value.message.replace("999999", "N")
+        with daemon.connect(api_key=keys["carol"]) as carol, pytest.raises(PermissionDenied):
+            carol.call(ops.OUTPUTS_STORE.name, {"job": job_id})
+        assert admin.call(ops.OUTPUTS_STORE.name, {"job": job_id})["stored"] is False
 
 
 # --- a full disk ------------------------------------------------------------------------------

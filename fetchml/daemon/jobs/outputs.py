@@ -83,9 +83,10 @@ def ingest(objects: ObjectStore, snapshots: ObjectStore, outputs: Path) -> Inges
     manifest = scan.manifest
     if not snapshots.contains(manifest.snapshot_id):
         snapshots.put_bytes(manifest.encode())
-    for warning in dropped:
+    warnings = capped(dropped)
+    for warning in warnings:
         log.warning("outputs of %s: %s", outputs.parent, warning)
-    return Ingested(manifest.snapshot_id, capped(dropped))
+    return Ingested(manifest.snapshot_id, warnings)
 
 
 def disk_full(exc: BaseException) -> bool:

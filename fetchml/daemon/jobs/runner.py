@@ -327,7 +327,7 @@ class Runner:
         ingested, error = Ingested(None), None
         # Outputs over their limit stay in the run directory: storing them is what it prevents.
         outputs_dir = RunDir(run_dir).outputs
-        if not await asyncio.to_thread(is_empty_dir, outputs_dir):
+        if not is_empty_dir(outputs_dir):
             if status.limit == "output":
                 error = OVER_LIMIT
             else:
@@ -349,7 +349,7 @@ class Runner:
         log.warning("job %d attempt %d: %s", job.id, job.attempt, why)
         self._ended(job.id)
         error = None
-        if not await asyncio.to_thread(is_empty_dir, RunDir(run_dir).outputs):
+        if not is_empty_dir(RunDir(run_dir).outputs):
             error = lost_outputs(job.id)
             await asyncio.to_thread(self.outputs.mark, job.id, job.attempt)
         await self._record(job, AttemptResult(JobState.LOST, reason=why, outputs_error=error))

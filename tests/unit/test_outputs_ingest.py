@@ -1,0 +1,34 @@
+"""Storing a job's outputs directory: warnings are bounded, and what is left out is said."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fetchml.cas.manifest import SnapshotManifest
+from fetchml.cas.objects import ObjectStore
+from fetchml.daemon.jobs.outputs import MAX_WARNINGS, capped, ingest
+
+
+def test_a_million_bad_links_make_a_bounded_list_of_warnings() -> None:
+    many = [f"symlink 'l{i}' points outside the tree: left out" for i in range(1000)]
+    kept = capped(many)
+    assert len(kept) == MAX_WARNINGS
+    assert kept[-1] == f"{1000 - MAX_WARNINGS + 1} more entries were left out"
+    assert capped(many[:3]) == tuple(many[:3])
+
+
+def test_ingest_stores_everything_but_links_that_leave(tmp_path: Path) -> None:
+    objects, snapshots = ObjectStore(tmp_path / "objects"), ObjectStore(tmp_path / "snapshots")
+    outputs = tmp_path / "outputs"
+    assert ingest(objects, snapshots, outputs).snapshot is None  # never made
+    outputs.mkdir()
+    assert ingest(objects, snapshots, outputs).snapshot is None  # wrote nothing
+    (outputs / "__pycache__").mkdir()
+    (outputs / "__pycache__" / "m.pyc").write_bytes(b"pyc")
+    for i in range(MAX_WARNINGS + 5):
+        os.symlink(f"/abs/{i}", outputs / f"l{i:02d}")
+    done = ingest(objects, snapshots, outputs)
+    assert done.snapshot is not None and len(done.warnings) == MAX_WARNINGS
+    manifest = SnapshotManifest.decode(snapshots.read_bytes(done.snapshot))
+    assert [e.path for e in manifest] == ["__pycache__/m.pyc"]
