@@ -126,9 +126,11 @@ def detail_lines(raw: Mapping[str, Any], metrics: LastMetrics | None = None) -> 
         ("cpu time", f"{job['cpu_time']:.2f}s" if job.get("cpu_time") is not None else "-"),
         ("outputs", (job.get("outputs") or "-")[:12]),
     ]
-    if job.get("outputs_error"):
-        rows.append(("", f"not stored: {job['outputs_error']}"))
-    rows += [("", f"warning: {warning}") for warning in job.get("warnings") or ()]
+    error = job.get("outputs_error")
+    if error:  # said once: in the state's reason when that is why the job failed
+        said = error in (job.get("reason") or "")
+        rows[-1] = ("outputs", "not stored (see state)" if said else f"not stored: {error}")
+    rows += [("warning", warning) for warning in job.get("warnings") or ()]
     if metrics:
         rows.append(("metrics", metrics_line(metrics)))
     if job.get("datasets"):
