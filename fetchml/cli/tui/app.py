@@ -333,6 +333,10 @@ class Dashboard(App[None]):
         job = self.current_job
         if job is None:
             return
+        if job["state"] in FINISHED and not job.get("outputs") and job.get("outputs_error"):
+            self.tell(f"job {job['id']}'s outputs are not stored: {job['outputs_error']}",
+                      "warning")
+            return
         if job["state"] not in FINISHED or not job.get("outputs"):
             why = "has not ended" if job["state"] not in FINISHED else "wrote no outputs"
             self.tell(f"job {job['id']} {why}; nothing to pull", "warning")
