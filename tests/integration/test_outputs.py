@@ -218,3 +218,19 @@ def test_a_job_that_fills_its_disk_is_failed_with_the_reason_not_lost(
     finally:
         daemon.stop()
         subprocess.run(["umount", "-l", str(runs)], check=False)
+
+
+def test_outputs_over_their_limit_say_so_instead_of_nothing(short_tmp: Path,
+                                                            project: Path) -> None:
+    daemon = make_daemon(short_tmp, FETCHML_CPUS="2", FETCHML_JOB_MAX_OUTPUT_BYTES="1M").start()
+    try:
+        job = run(daemon, project, 'head -c 2000000 /dev/zero > "$FETCHML_OUTPUT_DIR/big"')
+        assert (job["state"], job["reason"]) == ("failed", "output limit 1M exceeded")
+        assert job["outputs"] is None and "output limit" in job["outputs_error"]
+        pulled = daemon.cli("pull", str(job["id"]), str(short_tmp / "pulled"))
+        assert pulled.returncode == 1 and "not stored" in pulled.stderr, pulled.stderr
+        assert "wrote nothing" not in pulled.stderr
+        refused = daemon.cli("outputs", "store", str(job["id"]))
+        assert refused.returncode == 1 and "output limit" in refused.stderr
+    finally:
+        daemon.stop()
