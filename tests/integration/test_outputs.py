@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
+from fetchml.cas.hashing import hash_bytes
+from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
+from fetchml.client import Connection
 from fetchml.errors import NotFound, PermissionDenied
 from fetchml.protocol import ops
 from tests.conftest import DaemonProcess, make_daemon
-from tests.integration.test_jobs_cli import queue, status
-from tests.integration.test_security import stored_snapshot
 
 WRITTEN = {
     ".git/HEAD": "ref: refs/heads/main\n",
@@ -47,6 +48,27 @@ def project(short_tmp: Path) -> Path:
     root.mkdir()
     (root / "train.py").write_text("print('training')\n")
     return root
+
+
+def queue(daemon: DaemonProcess, project: Path, *args: str) -> list[dict[str, Any]]:
+    done = daemon.cli("queue", "--json", *args, cwd=project)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["jobs"]  # type: ignore[no-any-return]
+
+
+def status(daemon: DaemonProcess, *args: str) -> Any:
+    done = daemon.cli("status", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def stored_snapshot(conn: Connection) -> str:
+    data = b"print('hi')\n"
+    oid = hash_bytes(data)
+    conn.call(ops.CAS_PUT.name, {"blobs": [{"oid": oid, "size": len(data), "offset": 0,
+                                            "data": data}]})
+    manifest = SnapshotManifest([ManifestEntry.file("train.py", oid, len(data))])
+    return str(conn.call(ops.SNAPSHOT_PUT.name, {"manifest": manifest.encode()})["snapshot"])
 
 
 def run(daemon: DaemonProcess, project: Path, script: str) -> dict[str, Any]:
