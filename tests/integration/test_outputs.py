@@ -19,7 +19,7 @@ from fetchml.cas.manifest import ManifestEntry, SnapshotManifest
 from fetchml.client import Connection
 from fetchml.errors import NotFound, PermissionDenied
 from fetchml.protocol import ops
-from tests.conftest import DaemonProcess, make_daemon
+from tests.conftest import DaemonProcess, make_inprocess_daemon, stop_if_running
 
 WRITTEN = {
     ".git/HEAD": "ref: refs/heads/main\n",
@@ -33,13 +33,6 @@ WRITTEN = {
     "venv/pyvenv.cfg": "home = /usr\n",
     "ckpt/model.bin": "weights",
 }
-
-
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    daemon = make_daemon(short_tmp, FETCHML_CPUS="2").start()
-    yield daemon
-    daemon.stop()
 
 
 @pytest.fixture
@@ -177,7 +170,7 @@ def small_disk(short_tmp: Path) -> Iterator[Path]:
 
 def test_outputs_that_do_not_fit_fail_the_job_and_are_stored_once_there_is_space(
         short_tmp: Path, small_disk: Path, project: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_CPUS="2").start()
+    daemon = make_inprocess_daemon(short_tmp).start()
     try:
         big = 'head -c 3000000 /dev/urandom > "$FETCHML_OUTPUT_DIR/model.bin"'
         first = run(daemon, project, big)
@@ -223,14 +216,14 @@ def test_outputs_that_do_not_fit_fail_the_job_and_are_stored_once_there_is_space
             time.sleep(0.05)
         assert later["outputs"] and later["outputs_error"] is None, later
     finally:
-        daemon.stop()
+        stop_if_running(daemon)
 
 
 def test_a_job_that_fills_its_disk_is_failed_with_the_reason_not_lost(
         short_tmp: Path, project: Path) -> None:
     runs = short_tmp / "state" / "runs"
     mount_tmpfs(runs, "2m")
-    daemon = make_daemon(short_tmp, FETCHML_CPUS="2").start()
+    daemon = make_inprocess_daemon(short_tmp).start()
     try:
         job = run(daemon, project, 'head -c 4000000 /dev/zero > "$FETCHML_OUTPUT_DIR/big" '
                   "|| exit 7")
@@ -238,13 +231,13 @@ def test_a_job_that_fills_its_disk_is_failed_with_the_reason_not_lost(
         assert job["exit_code"] == 7
         assert job["reason"] == "attempt 1 failed: exit 7; the disk was full when the job ended"
     finally:
-        daemon.stop()
+        stop_if_running(daemon)
         subprocess.run(["umount", "-l", str(runs)], check=False)
 
 
 def test_outputs_over_their_limit_say_so_instead_of_nothing(short_tmp: Path,
                                                             project: Path) -> None:
-    daemon = make_daemon(short_tmp, FETCHML_CPUS="2", FETCHML_JOB_MAX_OUTPUT_BYTES="1M").start()
+    daemon = make_inprocess_daemon(short_tmp, FETCHML_JOB_MAX_OUTPUT_BYTES="1M").start()
     try:
         job = run(daemon, project, 'head -c 2000000 /dev/zero > "$FETCHML_OUTPUT_DIR/big"')
         assert (job["state"], job["reason"]) == ("failed", "output limit 1M exceeded")
@@ -255,4 +248,4 @@ def test_outputs_over_their_limit_say_so_instead_of_nothing(short_tmp: Path,
         refused = daemon.cli("outputs", "store", str(job["id"]))
         assert refused.returncode == 1 and "output limit" in refused.stderr
     finally:
-        daemon.stop()
+        stop_if_running(daemon)
