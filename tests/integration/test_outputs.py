@@ -219,6 +219,28 @@ def test_outputs_that_do_not_fit_fail_the_job_and_are_stored_once_there_is_space
         stop_if_running(daemon)
 
 
+def test_a_prune_that_frees_space_lets_waiting_outputs_in(short_tmp: Path, small_disk: Path,
+                                                          project: Path) -> None:
+    daemon = make_inprocess_daemon(short_tmp).start()
+    try:
+        big = 'head -c 1300000 /dev/urandom > "$FETCHML_OUTPUT_DIR/model.bin"'
+        old = run(daemon, project, big)
+        assert old["state"] == "succeeded", old
+        waiting = run(daemon, project, big)
+        assert waiting["state"] == "failed" and waiting["outputs_error"], waiting
+        pruned = daemon.cli("prune", "--older-than", "0s", "--state", "succeeded",
+                            "--gc-grace", "0s")
+        assert pruned.returncode == 0, pruned.stderr
+        for _ in range(200):
+            later = status(daemon, str(waiting["id"]))
+            if later["outputs"]:
+                break
+            time.sleep(0.05)
+        assert later["outputs"] and later["outputs_error"] is None, later
+    finally:
+        stop_if_running(daemon)
+
+
 def test_a_job_that_fills_its_disk_is_failed_with_the_reason_not_lost(
         short_tmp: Path, project: Path) -> None:
     runs = short_tmp / "state" / "runs"

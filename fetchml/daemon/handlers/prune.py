@@ -43,6 +43,8 @@ async def admin_prune(call: Call[ops.AdminPruneArgs]) -> dict[str, Any]:
     if args["collect"]:
         objects, object_bytes, manifests = await core.gc.collect(
             grace, dry_run=args["dry_run"], ignore_jobs=set(jobs) if args["dry_run"] else ())
+    if not args["dry_run"]:
+        core.runner.retry_outputs_soon()  # outputs a full disk kept back may fit now
     return PruneReport(len(jobs), runs, objects, run_bytes + object_bytes, manifests,
                        args["dry_run"]).to_dict()
 

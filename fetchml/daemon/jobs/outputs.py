@@ -11,7 +11,8 @@ When the outputs cannot be stored (the disk is full, the object store cannot be 
 attempt ends ``failed`` (unless it already failed on its own) with ``outputs_error`` saying
 why, its files stay in ``runs/<job>/<attempt>/outputs/``, and a marker
 ``<state>/outputs-pending/<job>.<attempt>`` remembers them. ``retry_pending`` (when the
-daemon starts, on each retention pass and every few minutes) and ``fetchml outputs store JOB``
+daemon starts, after a prune, on each retention pass and every few minutes) and
+``fetchml outputs store JOB``
 store them once they can; the job keeps its state and its reason says they came late.
 """
 

@@ -197,6 +197,11 @@ class Runner:
         await cancel_and_wait(*self._tasks)
         await self.launcher.close()
 
+    def retry_outputs_soon(self) -> None:
+        """Try outputs kept back by a full disk again, in the background (space was freed)."""
+        if self.outputs.pending():
+            self._spawn(self.outputs.retry_pending(), "outputs-pending")
+
     def run_dir(self, job_id: int, attempt: int) -> Path:
         return RunDir.of(self.runs_dir, job_id, attempt).path
 
