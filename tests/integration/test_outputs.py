@@ -271,3 +271,18 @@ def test_outputs_over_their_limit_say_so_instead_of_nothing(short_tmp: Path,
         assert refused.returncode == 1 and "output limit" in refused.stderr
     finally:
         stop_if_running(daemon)
+
+
+def test_a_status_lost_to_a_full_disk_is_a_failure_that_says_so(short_tmp: Path,
+                                                                project: Path) -> None:
+    runs = short_tmp / "state" / "runs"
+    mount_tmpfs(runs, "2m")
+    daemon = make_inprocess_daemon(short_tmp).start()
+    try:  # the job throws away the space its supervisor set aside, then fills the disk
+        job = run(daemon, project, 'rm -f "$FETCHML_RUN_DIR/.status.reserve"; '
+                  'head -c 4000000 /dev/zero > "$FETCHML_OUTPUT_DIR/big"; exit 0')
+        assert job["state"] == "failed", job
+        assert job["reason"].endswith("the disk of its run directory is full"), job
+    finally:
+        stop_if_running(daemon)
+        subprocess.run(["umount", "-l", str(runs)], check=False)

@@ -1,13 +1,17 @@
-"""Storing a job's outputs directory: warnings are bounded, and what is left out is said."""
+"""Storing a job's outputs directory: warnings are bounded, what is left out is said, and a
+full disk is recognised."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from fetchml.cas.manifest import SnapshotManifest
 from fetchml.cas.objects import ObjectStore
-from fetchml.daemon.jobs.outputs import MAX_WARNINGS, capped, ingest
+from fetchml.daemon.jobs.outputs import MAX_WARNINGS, capped, disk_full_at, ingest
 
 
 def test_a_million_bad_links_make_a_bounded_list_of_warnings() -> None:
@@ -32,3 +36,23 @@ def test_ingest_stores_everything_but_links_that_leave(tmp_path: Path) -> None:
     assert done.snapshot is not None and len(done.warnings) == MAX_WARNINGS
     manifest = SnapshotManifest.decode(snapshots.read_bytes(done.snapshot))
     assert [e.path for e in manifest] == ["__pycache__/m.pyc"]
+
+
+def test_a_full_disk_is_recognised(tmp_path: Path) -> None:
+    """What turns "its supervisor vanished without a status" into a failure with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert not disk_full_at(disk)
+        done = subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'fill'}", "bs=64k"],
+                              check=False, capture_output=True, text=True)
+        assert "No space left" in done.stderr
+        assert disk_full_at(disk)
+        assert not disk_full_at(tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -44,6 +44,7 @@ MAX_WARNINGS = 20
 PENDING_DIR = "outputs-pending"
 PENDING_RETRY_S = 300.0  # how often outputs waiting for space are tried again
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+FULL_BELOW_BYTES = 64 * 1024  # less free space than a status file may need
 NOT_STORED = "outputs not stored: "  # how a job that succeeded otherwise says it failed
 STORED_LATE = "outputs stored after the job ended (they could not be stored then)"
 OVER_LIMIT = "they went over the output limit, so they stay in the run directory, not stored"
@@ -93,6 +94,16 @@ def ingest(objects: ObjectStore, snapshots: ObjectStore, outputs: Path) -> Inges
 def disk_full(exc: BaseException) -> bool:
     cause = exc if isinstance(exc, OSError) else exc.__cause__
     return isinstance(cause, OSError) and cause.errno in DISK_FULL
+
+
+def disk_full_at(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` has (next to) no space left for anyone."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    # f_files is 0 where a filesystem has no inode count (btrfs): no inodes to run out of
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES or (st.f_files > 0 and st.f_favail == 0)
 
 
 def not_stored(job_id: int, exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from fetchml.daemon.jobs.outputs import (
     OVER_LIMIT,
     Ingested,
     PendingOutputs,
+    disk_full_at,
     ingest,
     is_empty_dir,
     lost_outputs,
@@ -357,7 +358,10 @@ class Runner:
         if not is_empty_dir(RunDir(run_dir).outputs):
             error = lost_outputs(job.id)
             await asyncio.to_thread(self.outputs.mark, job.id, job.attempt)
-        await self._record(job, AttemptResult(JobState.LOST, reason=why, outputs_error=error))
+        state = JobState.LOST
+        if disk_full_at(run_dir):  # what kept its supervisor from writing how it ended
+            state, why = JobState.FAILED, f"{why}: the disk of its run directory is full"
+        await self._record(job, AttemptResult(state, reason=why, outputs_error=error))
 
     async def _record(self, job: Job, result: AttemptResult, ended: float | None = None) -> None:
         """Store ``result`` for the attempt ``job`` holds (fenced by its attempt number)."""
