@@ -118,8 +118,8 @@ def not_stored(job_id: int, exc: BaseException) -> str:
 
 
 def lost_outputs(job_id: int) -> str:
-    return ("the attempt was lost before they were stored; they stay in the run directory — "
-            f"`fetchml outputs store {job_id}` stores them")
+    return ("the attempt ended without a status, before they were stored; they stay in the "
+            f"run directory — `fetchml outputs store {job_id}` stores them")
 
 
 class PendingOutputs:
