@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -262,3 +263,12 @@ def test_a_job_of_a_key_only_user_fails_clearly_when_its_run_dir_is_out_of_reach
     finally:
         daemon.stop()
         subprocess.run(["rm", "-rf", str(closed)], check=False)
+
+
+def test_install_service_says_how_to_create_the_job_user(root: Path) -> None:
+    out = root / "unit"
+    done = subprocess.run([sys.executable, "-m", "fetchml", "install-service", "--output",
+                           str(out)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert ("useradd --system --no-create-home --shell /usr/sbin/nologin fetchml-job"
+            in done.stdout)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import fetchml.daemon.supervise.supervisor as supervisor_module
+from fetchml.daemon.isolation.sandbox import Layout, PodmanOptions, podman_argv
 from fetchml.daemon.jobs.runner import hand_over_job_files
 from fetchml.daemon.security.job_identity import (
     JobCredentials,
@@ -225,3 +226,19 @@ def test_the_state_dir_lets_jobs_through_to_runs_only(open_tmp: Path) -> None:
             assert mode == 0o755
         else:
             assert mode & 0o077 == 0, entry.name
+
+
+# -- podman -----------------------------------------------------------------------------------
+
+
+def test_rootful_podman_runs_the_container_as_the_jobs_user(tmp_path: Path) -> None:
+    layout = Layout(run_dir=tmp_path / "runs" / "7" / "1", cwd=str(tmp_path), state_dir=tmp_path)
+    options = PodmanOptions(podman="podman", image="img", name="n", network=False,
+                            rootless=False, user=(1234, 1234, (44,)))
+    argv = podman_argv(options, layout, ["id", "-u"], gpu_ids=[])
+    assert "--user=1234:1234" in argv and "--group-add=44" in argv
+    assert argv.index("--user=1234:1234") < argv.index("img")
+    rootful_root = podman_argv(PodmanOptions(podman="podman", image="img", name="n",
+                                             network=False, rootless=False),
+                               layout, ["true"], gpu_ids=[])
+    assert not [a for a in rootful_root if a.startswith("--user")]
