@@ -73,6 +73,7 @@ class _Walk:
     rules: IgnoreRules
     cache: StatCache | None
     max_file_size: int
+    owner: int | None = None  # the uid every file read must belong to, when set
     entries: list[ManifestEntry] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
     # Directories with a file or link directly in them (the others may be empty).
@@ -224,6 +225,9 @@ class _Walk:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     continue
+                if self.owner is not None and before.st_uid != self.owner:
+                    raise BadRequest(f"{rel!r} does not belong to uid {self.owner}, who wrote "
+                                     "this tree; it is not stored", details={"path": rel})
                 oid, size = hash_fd(fd, before.st_size)
                 after = os.fstat(fd)
             except OSError as exc:
@@ -274,15 +278,19 @@ def scan_tree(
     rules: IgnoreRules,
     cache: StatCache | None,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    owner: int | None = None,
 ) -> ScanResult:
     """Snapshot the tree at ``root``: never follows symlinks, skips ignored paths.
 
     With a cache, only files whose stat changed are read; call ``cache.save()`` afterwards.
+    With ``owner``, every file read must belong to that uid (BadRequest otherwise): a tree
+    written by another user's process may swap a directory for a link to what only the
+    reader could read, or hold a hard link to it.
     """
     root = Path(root)
     if not root.is_dir():
         raise NotFound(f"{root} is not a directory; run fetchml from your project directory")
-    walk = _Walk(root, rules, cache, max_file_size)
+    walk = _Walk(root, rules, cache, max_file_size, owner=owner)
     walk.run()
     walk.check_sizes()
     walk.entries.extend(ManifestEntry.dir(path) for path in walk.empty_dirs())

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 import fetchml.daemon.supervise.supervisor as supervisor_module
+from fetchml.cas.ignore import IgnoreRules
+from fetchml.cas.scan import scan_tree
 from fetchml.daemon.isolation.sandbox import Layout, PodmanOptions, podman_argv
 from fetchml.daemon.jobs.runner import hand_over_job_files
 from fetchml.daemon.security.job_identity import (
@@ -242,3 +244,23 @@ def test_rootful_podman_runs_the_container_as_the_jobs_user(tmp_path: Path) -> N
                                              network=False, rootless=False),
                                layout, ["true"], gpu_ids=[])
     assert not [a for a in rootful_root if a.startswith("--user")]
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+
+@needs_root
+def test_outputs_of_another_user_are_read_only_from_files_it_owns(tmp_path: Path) -> None:
+    """A job's outputs are read by root: a file there that is not the job's (a hard link to a
+    secret, a directory swapped for a link by another job of the same user) is refused."""
+    outputs = tmp_path / "outputs"
+    (outputs / "sub").mkdir(parents=True)
+    (outputs / "sub" / "mine.txt").write_text("mine")
+    for path in (outputs, outputs / "sub", outputs / "sub" / "mine.txt"):
+        os.chown(path, 65534, 65534)
+    rules = IgnoreRules.load(outputs)
+    assert scan_tree(outputs, rules=rules, cache=None, owner=65534).manifest.entries
+    (outputs / "sub" / "secret").write_text("root's")  # owned by root, as /etc/shadow
+    with pytest.raises(BadRequest, match="does not belong to uid 65534"):
+        scan_tree(outputs, rules=rules, cache=None, owner=65534)
+    assert scan_tree(outputs, rules=rules, cache=None).manifest.entries  # root's own job

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -368,12 +369,13 @@ class Runner:
         await self._conclude(attempt.job, attempt.run_dir)
 
     # -- ending -----------------------------------------------------------------------------
-    def _ingest_outputs(self, outputs: Path) -> str | None:
-        """Store the outputs directory as a snapshot; None when the job wrote nothing."""
+    def _ingest_outputs(self, outputs: Path, owner: int | None = None) -> str | None:
+        """Store the outputs directory as a snapshot; None when the job wrote nothing.
+        ``owner``: the uid the job ran as, when not the daemon's; only its files are read."""
         if not outputs.is_dir() or _is_empty_dir(outputs):
             return None
         scan = scan_tree(outputs, rules=IgnoreRules.load(outputs), cache=None,
-                         max_file_size=OUTPUT_MAX_FILE)
+                         max_file_size=OUTPUT_MAX_FILE, owner=owner)
         stored = dict(self.objects.put_files(scan.sources.values()))
         if set(stored) != set(scan.sources):
             raise Conflict("outputs changed while they were being stored; the job's "
@@ -399,11 +401,24 @@ class Runner:
         outputs_dir = RunDir(run_dir).outputs
         if status.limit != "output" and not _is_empty_dir(outputs_dir):
             try:
-                outputs = await asyncio.to_thread(self._ingest_outputs, outputs_dir)
+                outputs = await asyncio.to_thread(self._ingest_outputs, outputs_dir,
+                                                  self._job_uid(job, run_dir))
             except (FetchmlError, OSError) as exc:
                 log.warning("job %d: outputs not stored: %s", job.id, exc)
         # finished when its processes ended, not when the daemon got round to recording it
         await self._record(job, result_from_status(job, status, outputs), status.finished_at)
+
+    def _job_uid(self, job: Job, run_dir: Path) -> int | None:
+        """The uid the attempt ran as when not the daemon's: from its spec, else (a podman
+        container, started by the daemon's user) from its owner."""
+        try:
+            uid = RunSpec.from_dict(json.loads(RunDir(run_dir).spec.read_bytes())).uid
+        except (OSError, ValueError, BadRequest):
+            uid = None
+        if uid is None and self.job_identity is not None:
+            user = self.job_identity(job.owner)
+            uid = None if user is None else user.uid
+        return uid
 
     async def _lost(self, job: Job, run_dir: Path, why: str) -> None:
         info = read_supervisor_info(run_dir)
