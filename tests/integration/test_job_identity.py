@@ -182,6 +182,8 @@ def test_a_key_only_users_job_runs_as_job_user_and_reaches_nothing_of_the_daemon
     own = section(log, "own-environ")
     assert_no_secret(own)
     assert f"FETCHML_JOB_ID={job['id']}" in own  # the job's own variables stay
+    # nobody's home (/nonexistent) is no place for caches: HOME is the workspace
+    assert f"HOME={alice.run_dir(job) / 'work'}" in own and "USER=nobody" in own
     # Nothing of the daemon's changed; what the job wrote is where it belongs.
     run_dir = alice.run_dir(job)
     assert not (run_dir / "escape").exists()

@@ -170,6 +170,17 @@ def hand_over_job_files(run_dir: Path, user: JobCredentials) -> None:
                 os.chmod(entry.path, PRIVATE_FILE_MODE, follow_symlinks=False)
 
 
+def _home_of(user: JobCredentials, work: Path) -> str:
+    """The user's home when it has one of its own, else the workspace: caches written under
+    $HOME (pip, Hugging Face, Triton) need a directory the job may write."""
+    if user.home:
+        with contextlib.suppress(OSError):
+            st = os.stat(user.home)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == user.uid:
+                return user.home
+    return str(work)
+
+
 def _first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
     """The first directory from / down to ``path`` that ``user`` may not pass through."""
     groups = {user.gid, *user.groups}
@@ -264,7 +275,7 @@ class Runner:
         env = dict(self.base_env)
         if user is not None:  # not the daemon's user: not its name and home either
             name = user.name or str(user.uid)
-            env.update(USER=name, LOGNAME=name, HOME=user.home or str(RunDir(run_dir).work))
+            env.update(USER=name, LOGNAME=name, HOME=_home_of(user, RunDir(run_dir).work))
         env.update(job.env)
         gpus = [g for g in self.inventory.gpus if g.index in job.gpu_ids]
         # UUIDs, not indices, for real GPUs: CUDA's own device order can differ from
