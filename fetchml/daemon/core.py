@@ -29,7 +29,7 @@ from fetchml.daemon.jobs.gc import GarbageCollector, SweepGate
 from fetchml.daemon.jobs.inventory import HostInventory, detect_inventory
 from fetchml.daemon.jobs.model import Job, JobSpec
 from fetchml.daemon.jobs.retention import Pins, prune_jobs
-from fetchml.daemon.jobs.runner import Runner
+from fetchml.daemon.jobs.runner import Runner, first_unsearchable
 from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.observe.prometheus import DaemonMetrics
 from fetchml.daemon.observe.training import MetricsTracker
@@ -185,6 +185,10 @@ class DaemonCore:
 
         if identities.switches:  # before any job runs as another user
             await asyncio.to_thread(guard_state_dir, s.state_dir)
+            blocked = first_unsearchable(s.state_dir, identities.job_user)
+            if blocked is not None:
+                log.warning("%s does not let other users through: jobs of users other than "
+                            "root will fail to start; give it o+x or move state_dir", blocked)
         await runner.open()
         adopted = await runner.adopt()
         for job in adopted:

@@ -262,6 +262,7 @@ def test_a_job_of_a_key_only_user_fails_clearly_when_its_run_dir_is_out_of_reach
             job = Client(daemon, conn, closed).run(["true"])
         assert job["state"] == "failed"
         assert "cannot reach its run directory" in job["reason"] and str(closed) in job["reason"]
+        assert f"{closed} does not let other users through" in daemon.log()
     finally:
         daemon.stop()
         subprocess.run(["rm", "-rf", str(closed)], check=False)
@@ -274,3 +275,22 @@ def test_install_service_says_how_to_create_the_job_user(root: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert ("useradd --system --no-create-home --shell /usr/sbin/nologin fetchml-job"
             in done.stdout)
+
+
+@pytest.mark.parametrize("isolation", ["none", pytest.param("bwrap", marks=needs_bwrap)])
+def test_a_non_root_job_reads_its_datasets_and_cannot_change_them(
+        alice: Client, daemon: DaemonProcess, keys: dict[str, str], root: Path,
+        isolation: str) -> None:
+    data = root / f"data-{isolation}"
+    data.mkdir()
+    (data / "labels.csv").write_text("id,label\n")
+    pushed = daemon.cli("dataset", "push", f"imgs-{isolation}", str(data),
+                        env={"FETCHML_API_KEY": keys["alice"]})
+    assert pushed.returncode == 0, pushed.stderr
+    script = (f'cat "$FETCHML_DATA_DIR/imgs-{isolation}/labels.csv" && cat mnt/d/labels.csv '
+              '&& { echo x >> mnt/d/labels.csv && echo changed || echo unchanged; }')
+    job = alice.run(["sh", "-c", script], isolation=isolation,
+                    datasets=[f"imgs-{isolation}", f"imgs-{isolation}:mnt/d"])
+    log = alice.log(job)
+    assert job["state"] == "succeeded", log
+    assert log.count("id,label") == 2 and "unchanged" in log

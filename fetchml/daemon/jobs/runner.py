@@ -149,7 +149,7 @@ def hand_over_job_files(run_dir: Path, user: JobCredentials) -> None:
     store, so owning them changes nothing stored), the outputs directory and the files made
     for it (the metrics file). The run directory itself and the supervisor's files stay the
     daemon's. Refused when ``user`` cannot reach the run directory."""
-    blocked = _first_unsearchable(run_dir, user)
+    blocked = first_unsearchable(run_dir, user)
     if blocked is not None:
         mode = stat.S_IMODE(os.stat(blocked).st_mode)
         raise Unavailable(f"uid {user.uid} cannot reach its run directory: {blocked} (mode "
@@ -181,7 +181,7 @@ def _home_of(user: JobCredentials, work: Path) -> str:
     return str(work)
 
 
-def _first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
+def first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
     """The first directory from / down to ``path`` that ``user`` may not pass through."""
     groups = {user.gid, *user.groups}
     path = Path(os.path.abspath(path))
