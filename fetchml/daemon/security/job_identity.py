@@ -54,8 +54,11 @@ def credentials_of(uid: int) -> JobCredentials:
         entry = pwd.getpwuid(uid)
     except KeyError:
         return JobCredentials(uid, uid)
-    groups = sorted({g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
-                    - {entry.pw_gid})
+    try:  # what initgroups(3) would give a login of this user
+        listed = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except OSError:
+        listed = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+    groups = sorted(listed - {entry.pw_gid})
     return JobCredentials(uid, entry.pw_gid, tuple(groups), entry.pw_name, entry.pw_dir)
 
 
