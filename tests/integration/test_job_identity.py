@@ -43,6 +43,7 @@ probe read_pins cat "$STATE/pins.json"
 probe list_state ls "$STATE"
 probe list_runs ls "$STATE/runs"
 probe list_objects ls "$STATE/objects"
+probe list_datasets ls "$STATE/datasets/cache"
 probe read_other_workspace cat "$OTHER/work/mine.txt"
 probe read_other_log cat "$OTHER/output.log"
 probe write_secret sh -c 'echo x >> "$STATE/secret"'
@@ -63,7 +64,8 @@ env
 echo "own-environ-end"
 """
 DENIED = {"read_secret", "read_users", "read_jobs_db", "read_audit", "read_audit_head",
-          "read_pins", "list_state", "list_runs", "list_objects", "read_other_workspace",
+          "read_pins", "list_state", "list_runs", "list_objects", "list_datasets",
+          "read_other_workspace",
           "read_other_log", "write_secret", "write_users", "write_jobs_db", "write_audit",
           "write_spec", "write_log_file", "write_run_dir"}
 ALLOWED = {"write_work", "write_outputs", "write_metrics"}

@@ -215,7 +215,8 @@ def test_a_run_directory_the_job_cannot_reach_is_refused(open_tmp: Path) -> None
 def test_the_state_dir_lets_jobs_through_to_runs_only(open_tmp: Path) -> None:
     state = open_tmp / "state"
     state.mkdir(mode=0o755)
-    for name in ("objects", "snapshots", "runs", "datasets", "logs"):
+    for name in ("objects", "snapshots", "runs", "datasets", "datasets/cache",
+                 "datasets/seals", "logs"):
         (state / name).mkdir(mode=0o755)
     for name in ("secret", "users.json", "jobs.db", "pins.json"):
         (state / name).write_text("x")
@@ -224,10 +225,14 @@ def test_the_state_dir_lets_jobs_through_to_runs_only(open_tmp: Path) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o711
     for entry in state.iterdir():
         mode = stat.S_IMODE(entry.stat().st_mode)
-        if entry.name in ("runs", "datasets"):
-            assert mode == 0o755
+        if entry.name == "runs":
+            assert mode == 0o755  # the runner's: 0711 once it opens
+        elif entry.name == "datasets":
+            assert mode == 0o711
         else:
             assert mode & 0o077 == 0, entry.name
+    assert stat.S_IMODE((state / "datasets" / "cache").stat().st_mode) == 0o711
+    assert stat.S_IMODE((state / "datasets" / "seals").stat().st_mode) == 0o700
 
 
 # -- podman -----------------------------------------------------------------------------------

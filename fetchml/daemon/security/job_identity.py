@@ -126,8 +126,14 @@ class JobIdentities:
 def guard_state_dir(state_dir: Path) -> None:
     """Before jobs run as other users: the state directory lets them through (0711) and
     nothing in it but runs/ and datasets/ keeps any permission for group or others (the
-    secret, users.json, the job database, pins, the audit log, the object store)."""
+    secret, users.json, the job database, pins, the audit log, the object store). The dataset
+    cache lets them through to the versions their jobs link to, and lists none."""
     os.chmod(state_dir, STATE_DIR_MODE)
+    datasets = state_dir / "datasets"
+    for passage, mode in ((datasets, STATE_DIR_MODE), (datasets / "cache", STATE_DIR_MODE),
+                          (datasets / "seals", 0o700)):
+        if passage.is_dir() and not passage.is_symlink():
+            os.chmod(passage, mode)
     with os.scandir(state_dir) as entries:
         for entry in entries:
             if entry.name in JOB_VISIBLE:
