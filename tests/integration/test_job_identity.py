@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from fetchml.client import Connection
@@ -88,7 +89,9 @@ class Client:
     def run(self, argv: list[str], **fields: Any) -> dict[str, Any]:
         reply = self.conn.call("jobs.submit", {"snapshot": self.snapshot,
                                                "jobs": [{"argv": argv, **fields}]})
-        job = reply["jobs"][0]
+        return self.wait(reply["jobs"][0])
+
+    def wait(self, job: dict[str, Any]) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while (job := self.conn.call("jobs.get", {"job": str(job["id"])}))["state"] \
                 not in TERMINAL:
@@ -296,3 +299,27 @@ def test_a_non_root_job_reads_its_datasets_and_cannot_change_them(
     log = alice.log(job)
     assert job["state"] == "succeeded", log
     assert log.count("id,label") == 2 and "unchanged" in log
+
+
+@pytest.mark.parametrize("isolation", ["none", pytest.param("bwrap", marks=needs_bwrap)])
+def test_a_non_root_job_is_cancelled_with_its_whole_tree(alice: Client, isolation: str) -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    reply = alice.conn.call("jobs.submit", {"snapshot": alice.snapshot, "jobs": [
+        {"argv": ["sh", "-c", "sleep 300 & echo $! > bg.pid; echo started; wait"],
+         "isolation": isolation}]})
+    job = reply["jobs"][0]
+    run_dir = alice.run_dir({**job, "attempt": 1})
+    deadline = time.monotonic() + 30
+    while not (run_dir / "output.log").exists() or "started" not in alice.log({**job,
+                                                                               "attempt": 1}):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    sleepers = [p for p in psutil.process_iter(["uids", "cmdline"])
+                if p.info["cmdline"] == ["sleep", "300"] and p.info["uids"].real == JOB_USER
+                and p.pid not in before]
+    assert len(sleepers) == 1
+    alice.conn.call("jobs.cancel", {"jobs": [str(job["id"])]})
+    ended = alice.wait(job)
+    assert ended["state"] == "cancelled"
+    psutil.wait_procs(sleepers, timeout=10)
+    assert not [p for p in sleepers if p.is_running()]
