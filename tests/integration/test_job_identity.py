@@ -323,3 +323,36 @@ def test_a_non_root_job_is_cancelled_with_its_whole_tree(alice: Client, isolatio
     assert ended["state"] == "cancelled"
     psutil.wait_procs(sleepers, timeout=10)
     assert not [p for p in sleepers if p.is_running()]
+
+
+def test_a_non_root_job_outlives_a_daemon_restart_and_its_outputs_are_stored() -> None:
+    root = Path(tempfile.mkdtemp(prefix="fml-jobid-rs-", dir="/tmp"))
+    root.chmod(0o711)
+    (root / "home").mkdir()
+    daemon = make_daemon(root, FETCHML_JOB_USER=str(JOB_USER)).start()
+    try:
+        with daemon.connect() as conn:
+            key = conn.call("admin.users.add", {"name": "dora", "role": "researcher"})["key"]
+        with daemon.connect(api_key=key) as conn:
+            dora = Client(daemon, conn, root)
+            reply = conn.call("jobs.submit", {"snapshot": dora.snapshot, "jobs": [{"argv": [
+                "sh", "-c", 'while [ ! -e go ]; do sleep 0.05; done; '
+                'id -u > "$FETCHML_OUTPUT_DIR/uid"']}]})
+            job = reply["jobs"][0]
+            run_dir = dora.run_dir({**job, "attempt": 1})
+        deadline = time.monotonic() + 30
+        while not (run_dir / "supervisor.json").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon.stop()
+        (run_dir / "work" / "go").touch()  # the job ends while no daemon watches it
+        daemon.start()
+        with daemon.connect(api_key=key) as conn:
+            dora.conn = conn
+            ended = dora.wait(job)
+        assert ended["state"] == "succeeded", dora.log(ended)
+        assert ended["outputs"] is not None
+        assert (run_dir / "outputs" / "uid").read_text().strip() == str(JOB_USER)
+    finally:
+        daemon.stop()
+        subprocess.run(["rm", "-rf", str(root)], check=False)
