@@ -88,6 +88,22 @@ def test_the_job_runs_as_the_specs_user_with_exactly_its_groups(tmp_path: Path) 
 
 
 @needs_root
+def test_the_jobs_path_is_searched_as_the_jobs_user(open_tmp: Path) -> None:
+    """A PATH entry only root may enter (root's own interpreters under /root) is passed over,
+    as the job's own shell would."""
+    for name, mode in (("private", 0o700), ("public", 0o755)):
+        directory = open_tmp / name
+        directory.mkdir()
+        (directory / "which-one").write_text(f"#!/bin/sh\necho {name}\n")
+        (directory / "which-one").chmod(0o755)
+        directory.chmod(mode)
+    env = {**JOB_ENV, "PATH": f"{open_tmp / 'private'}:{open_tmp / 'public'}:/usr/bin:/bin"}
+    log = supervise(open_tmp / "run", ["which-one"], env=env, uid=65534, gid=65534)
+    assert log.strip() == "public"
+    assert supervise(open_tmp / "run-root", ["which-one"], env=env).strip() == "private"
+
+
+@needs_root
 def test_without_a_user_the_job_runs_as_the_supervisor(tmp_path: Path) -> None:
     assert supervise(tmp_path / "run", ["id", "-u"]).strip() == "0"
 

@@ -153,6 +153,10 @@ def _exec_limited(spec: RunSpec, executable: str, log_fd: int, report_fd: int) -
         if spec.uid is not None and spec.gid is not None:
             stage = "user"
             drop_privileges(spec.uid, spec.gid, spec.groups)
+            stage = "exec"
+            # The job's PATH searched as the job's user: a directory it may not enter (root's
+            # own interpreters under /root) is passed over, as its own shell would.
+            executable = find_executable(spec.argv[0], spec.env)
         stage = "exec"
         stdin_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin_fd, 0)
