@@ -133,7 +133,8 @@ def _fork_exec(spec: RunSpec, executable: str, log_fd: int) -> int | SpawnFailur
                             "the daemon's own hard limits", None)
     if stage == "user":
         return SpawnFailure(f"the job cannot switch to uid {spec.uid} ({detail}); the daemon "
-                            "must run as root to run jobs as their owners", None)
+                            "must run as root with CAP_SETUID and CAP_SETGID to run jobs as "
+                            "their owners", None)
     return exec_failure(spec.argv[0], code, os.strerror(code) if code else detail)
 
 
