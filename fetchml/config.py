@@ -128,6 +128,9 @@ class DaemonSettings:
     job_network: bool = setting(
         False, "whether isolated jobs (bwrap, podman) that ask for it (queue --network) get "
         "the network")
+    job_user: str | None = setting(
+        None, "user (name or uid) that key-only users' jobs run as when the daemon is root "
+        "(default: fetchml-job if it exists, else nobody)")
     podman_image: str = setting("docker.io/library/python:3.11-slim",
                                 "image podman-isolated jobs run in")
     job_max_processes: int | None = setting(None, "processes (threads) one job may have")

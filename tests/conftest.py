@@ -194,6 +194,7 @@ class InProcessDaemon(DaemonProcess):
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: Unix socket paths are limited to 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="fml-", dir="/tmp"))
+    path.chmod(0o711)  # as /var/lib: jobs of other users pass through to their run directory
     (path / "home").mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -78,6 +78,7 @@ class _Walk:
     rules: IgnoreRules | None  # None: nothing is ignored
     cache: StatCache | None
     max_file_size: int
+    owner: int | None = None  # the uid every file read must belong to, when set
     # When a list: what a snapshot cannot hold is left out and said here, instead of failing.
     dropped: list[str] | None = None
     entries: list[ManifestEntry] = field(default_factory=list)
@@ -263,6 +264,9 @@ class _Walk:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     continue
+                if self.owner is not None and before.st_uid != self.owner:
+                    raise BadRequest(f"{rel!r} does not belong to uid {self.owner}, who wrote "
+                                     "this tree; it is not stored", details={"path": rel})
                 oid, size = hash_fd(fd, before.st_size)
                 after = os.fstat(fd)
             except OSError as exc:
@@ -318,6 +322,7 @@ def scan_tree(
     rules: IgnoreRules | None,
     cache: StatCache | None,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    owner: int | None = None,
     dropped: list[str] | None = None,
 ) -> ScanResult:
     """Snapshot the tree at ``root``: never follows symlinks, skips ignored paths.
@@ -325,14 +330,18 @@ def scan_tree(
     With ``rules`` None nothing is ignored (a job's outputs are kept as written). With a
     ``dropped`` list, what a snapshot cannot hold faithfully (a symlink whose target is
     absolute or leaves the tree, a name that is not UTF-8 or not a valid snapshot path, a
-    file that is not regular, or that cannot be read) is left out and described there, one
-    sentence each, instead of failing the scan; links that stay inside are kept as links.
+    file that is not regular, or that cannot be read, or that belongs to another uid than
+    ``owner``) is left out and described there, one sentence each, instead of failing the
+    scan; links that stay inside are kept as links.
     With a cache, only files whose stat changed are read; call ``cache.save()`` afterwards.
+    With ``owner``, every file read must belong to that uid (BadRequest otherwise): a tree
+    written by another user's process may swap a directory for a link to what only the
+    reader could read, or hold a hard link to it.
     """
     root = Path(root)
     if not root.is_dir():
         raise NotFound(f"{root} is not a directory; run fetchml from your project directory")
-    walk = _Walk(root, rules, cache, max_file_size, dropped)
+    walk = _Walk(root, rules, cache, max_file_size, owner=owner, dropped=dropped)
     walk.run()
     walk.check_sizes()
     walk.entries.extend(ManifestEntry.dir(path) for path in walk.empty_dirs())

@@ -15,6 +15,9 @@ from fetchml.errors import BadRequest, PermissionDenied
 
 UNITS = Path(__file__).resolve().parent.parent / "units"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+# The unprivileged user a root daemon runs key-only users' jobs as (its job_user default).
+JOB_USER_COMMAND = ("useradd --system --no-create-home --shell /usr/sbin/nologin "
+                    "fetchml-job")
 
 
 def fetchml_command() -> str:
@@ -74,6 +77,8 @@ def install_service(cli: CliContext, per_user: bool, output: Path | None,
     cli.say("now run:\n"
             "  sudo useradd --system --home-dir /var/lib/fetchml --shell /usr/sbin/nologin "
             "fetchml   # once\n"
+            f"  sudo {JOB_USER_COMMAND}   # once: the jobs of key-only users run as it "
+            "when the daemon runs as root\n"
             "  sudo systemctl daemon-reload\n  sudo systemctl enable --now fetchml\n"
             "users talk to it through /run/fetchml/fetchml.sock (add them to the daemon's "
             "users, with socket_group/socket_mode, or give them API keys)")

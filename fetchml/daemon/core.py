@@ -30,12 +30,13 @@ from fetchml.daemon.jobs.inventory import HostInventory, detect_inventory
 from fetchml.daemon.jobs.model import Job, JobSpec
 from fetchml.daemon.jobs.outputs import PENDING_RETRY_S
 from fetchml.daemon.jobs.retention import Pins, prune_jobs
-from fetchml.daemon.jobs.runner import Runner
+from fetchml.daemon.jobs.runner import Runner, first_unsearchable
 from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.observe.prometheus import DaemonMetrics
 from fetchml.daemon.observe.training import MetricsTracker
-from fetchml.daemon.security.auth import Authenticator, Identity
+from fetchml.daemon.security.auth import Authenticator, Identity, local_user_name
 from fetchml.daemon.security.gate import ConnectionGate
+from fetchml.daemon.security.job_identity import JobIdentities, guard_state_dir, resolve_job_user
 from fetchml.daemon.security.ownership import SnapshotOwners
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.contract import JobStore
@@ -110,6 +111,10 @@ class DaemonCore:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         self.auth = await asyncio.to_thread(Authenticator, s)
+        identities = JobIdentities(daemon_uid=os.geteuid(), root_name=local_user_name(0),
+                                   mapped_uid=self.auth.registry.uid_of,
+                                   job_user=resolve_job_user(s.job_user))
+        log.info("jobs run %s", identities.describe())
         self.objects = ObjectStore(s.state_dir / "objects")
         self.snapshots = ObjectStore(s.state_dir / "snapshots")
         for store in (self.objects, self.snapshots):
@@ -128,7 +133,8 @@ class DaemonCore:
         self.runner = runner = Runner(
             state_dir=s.state_dir, host=s.name, store=self.jobs, objects=self.objects,
             snapshots=self.snapshots, inventory=inv, kill_grace=s.kill_grace,
-            environ=os.environ, on_change=self.publish, on_end=self._attempt_ended)
+            environ=os.environ, on_change=self.publish, on_end=self._attempt_ended,
+            job_identity=identities.of)
         stack.push_async_callback(runner.close)
         total = Capacity(inv.cpus, inv.memory, tuple(g.index for g in inv.gpus))
         self.scheduler = Scheduler(self.jobs, s.name, total, s.aging_interval, runner.start,
@@ -178,6 +184,12 @@ class DaemonCore:
         self.events.listen(tracker.job_changed)
         await stack.enter_async_context(tracker.running(running))
 
+        if identities.switches:  # before any job runs as another user
+            await asyncio.to_thread(guard_state_dir, s.state_dir)
+            blocked = first_unsearchable(s.state_dir, identities.job_user)
+            if blocked is not None:
+                log.warning("%s does not let other users through: jobs of users other than "
+                            "root will fail to start; give it o+x or move state_dir", blocked)
         await runner.open()
         adopted = await runner.adopt()
         for job in adopted:

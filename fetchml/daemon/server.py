@@ -297,7 +297,11 @@ async def _watchdog(period: float, core: DaemonCore) -> None:
 
 def _write_runtime_info(state_dir: Path, info: dict[str, object]) -> None:
     tmp = state_dir / f".{RUNTIME_INFO_NAME}.tmp"
-    tmp.write_text(json.dumps(info))
+    # 0600: jobs of other users pass through the state directory; this is the daemon's.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(info))
     tmp.replace(state_dir / RUNTIME_INFO_NAME)
 
 

@@ -277,7 +277,9 @@ def test_a_researcher_pulls_the_outputs_of_their_own_job(short_tmp: Path) -> Non
             "import os\nopen(os.path.join(os.environ['FETCHML_OUTPUT_DIR'], 'm.txt'), 'w')"
             ".write('0.93')\n")
         env = {"FETCHML_API_KEY": key}
-        queued = daemon.cli("queue", "--json", "--", sys.executable, "train.py", cwd=project,
+        # python3 from the PATH: the job runs as job_user, who may not enter /root, where
+        # the test's own interpreter may live
+        queued = daemon.cli("queue", "--json", "--", "python3", "train.py", cwd=project,
                             env=env)
         assert queued.returncode == 0, queued.stderr
         job = str(json.loads(queued.stdout)["jobs"][0]["id"])

@@ -147,6 +147,7 @@ class PodmanOptions:
     memory: int | None = None
     pids: int | None = None
     cpus: tuple[int, ...] | None = None
+    user: tuple[int, int, tuple[int, ...]] | None = None  # uid, gid, groups of the job
 
 
 def podman_argv(options: PodmanOptions, layout: Layout, argv: Sequence[str],
@@ -161,6 +162,10 @@ def podman_argv(options: PodmanOptions, layout: Layout, argv: Sequence[str],
             f"--volume={layout.outputs}:{layout.outputs}:rw"]
     if options.rootless:
         args.append("--userns=keep-id")  # the job's files stay the daemon user's
+    elif options.user is not None:  # rootful: the job's own uid, as without a container
+        uid, gid, groups = options.user
+        args.append(f"--user={uid}:{gid}")
+        args += [f"--group-add={g}" for g in groups]
     if not options.network:
         args.append("--network=none")
     if layout.datasets.is_dir():

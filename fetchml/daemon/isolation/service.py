@@ -43,6 +43,7 @@ from fetchml.daemon.isolation.sandbox import (
     podman_env_file,
 )
 from fetchml.daemon.jobs.model import Job, JobState
+from fetchml.daemon.security.job_identity import JobCredentials, resolve_job_user
 from fetchml.daemon.supervise.records import RunSpec
 from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.errors import BadRequest, ConfigError
@@ -182,8 +183,9 @@ class Isolation:
             else:
                 rlimits["RLIMIT_AS"] = (memory, memory)
         if processes and in_cgroup_pids is None:
-            # RLIMIT_NPROC counts every process of the daemon's user: allow those it has now.
-            running = _processes_of_user(os.getuid())
+            # RLIMIT_NPROC counts every process of the job's user (the daemon's, unless the job
+            # runs as its owner): allow those it has now.
+            running = _processes_of_user(os.getuid() if spec.uid is None else spec.uid)
             limit = min(running + processes + wrapper, _hard_nproc())
             rlimits["RLIMIT_NPROC"] = (limit, limit)
         return replace(spec, cgroups=paths, memory_limit=memory,
@@ -200,13 +202,17 @@ class Isolation:
         options = PodmanOptions(podman=self.podman, image=self.settings.podman_image, name=name,
                                 network=self.settings.job_network and job.network,
                                 rootless=os.geteuid() != 0,
-                                memory=memory, pids=self.settings.job_max_processes, cpus=cpus)
+                                memory=memory, pids=self.settings.job_max_processes, cpus=cpus,
+                                user=None if spec.uid is None or spec.gid is None
+                                else (spec.uid, spec.gid, spec.groups))
         self.containers[job.id] = name
         # podman itself gets the daemon's environment only: a job's variables must not
-        # configure the container engine (CONTAINERS_CONF and the like).
+        # configure the container engine (CONTAINERS_CONF and the like). It runs as the
+        # daemon's user (rootful podman as root); the container runs as the job's (--user).
         return replace(spec, argv=tuple(podman_argv(options, layout, spec.argv, job.gpu_ids)),
                        env=dict(self.base_env), memory_limit=memory,
-                       max_processes=self.settings.job_max_processes)
+                       max_processes=self.settings.job_max_processes, uid=None, gid=None,
+                       groups=())
 
     def job_changed(self, job: Job) -> None:
         """Free what an attempt held once it is over: CPUs, and a container left behind."""
@@ -264,9 +270,13 @@ def daemon_tag(state_dir: Path) -> str:
     return hashlib.blake2b(str(state_dir.absolute()).encode(), digest_size=5).hexdigest()
 
 
-def _probe(argv: list[str], what: str) -> None:
+def _probe(argv: list[str], what: str, user: JobCredentials | None = None) -> None:
+    """Run ``argv`` (as ``user`` when given: jobs start the tool as their own user)."""
+    as_user: dict[str, Any] = {} if user is None else {
+        "user": user.uid, "group": user.gid, "extra_groups": list(user.groups), "cwd": "/"}
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
+        done = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False,
+                              **as_user)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"{what} cannot run here ({exc}); fix it or choose another "
                           "isolation") from exc
@@ -288,9 +298,13 @@ def find_tools(settings: DaemonSettings) -> tuple[str | None, str | None]:
         if bwrap is None:
             raise ConfigError("isolation bwrap needs bubblewrap; install it (apt install "
                               "bubblewrap) or choose another isolation")
-        _probe([bwrap, "--unshare-user", "--disable-userns", "--unshare-pid", "--cap-drop",
-                "ALL", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true"],
-               "bubblewrap")
+        probe = [bwrap, "--unshare-user", "--disable-userns", "--unshare-pid", "--cap-drop",
+                 "ALL", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true"]
+        _probe(probe, "bubblewrap")
+        if os.geteuid() == 0:  # jobs of other users start bwrap as themselves, unprivileged
+            job_user = resolve_job_user(settings.job_user)
+            _probe(probe, f"bubblewrap as uid {job_user.uid} (unprivileged user namespaces)",
+                   job_user)
     if "podman" in modes:
         podman = shutil.which("podman")
         if podman is None:

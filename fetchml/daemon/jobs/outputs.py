@@ -71,13 +71,18 @@ def capped(warnings: Sequence[str]) -> tuple[str, ...]:
     return (*warnings[:MAX_WARNINGS - 1], f"{more} more entries were left out")
 
 
-def ingest(objects: ObjectStore, snapshots: ObjectStore, outputs: Path) -> Ingested:
-    """Store the outputs directory as a snapshot (blocking); raises when it cannot."""
+def ingest(objects: ObjectStore, snapshots: ObjectStore, outputs: Path,
+           owner: int | None = None) -> Ingested:
+    """Store the outputs directory as a snapshot (blocking); raises when it cannot.
+
+    ``owner``: the uid the job ran as, when not the daemon's; files of anyone else (a hard
+    link to what only the daemon could read) are left out with a warning.
+    """
     if not outputs.is_dir() or is_empty_dir(outputs):
         return Ingested(None)
     dropped: list[str] = []
     scan = scan_tree(outputs, rules=None, cache=None, max_file_size=OUTPUT_MAX_FILE,
-                     dropped=dropped)
+                     owner=owner, dropped=dropped)
     stored = dict(objects.put_files(scan.sources.values()))
     if set(stored) != set(scan.sources):
         raise Conflict("outputs changed while they were being stored; the job's processes "
@@ -127,8 +132,10 @@ class PendingOutputs:
 
     def __init__(self, *, state_dir: Path, host: str, store: JobStore, objects: ObjectStore,
                  snapshots: ObjectStore, run_dir_of: Callable[[int, int], Path],
-                 on_change: Callable[[Job], None]) -> None:
+                 on_change: Callable[[Job], None],
+                 job_uid: Callable[[Job, Path], int | None] | None = None) -> None:
         self.dir = state_dir / PENDING_DIR
+        self.job_uid = job_uid  # the uid an attempt ran as, when not the daemon's
         self.host, self.store = host, store
         self.objects, self.snapshots = objects, snapshots
         self.run_dir_of, self._on_change = run_dir_of, on_change
@@ -197,9 +204,11 @@ class PendingOutputs:
         if job.attempt == 0 or await asyncio.to_thread(is_empty_dir, outputs_dir):
             await asyncio.to_thread(self.clear, job.id, job.attempt)
             raise NotFound(f"job {job.id} has no outputs to store: its run directory holds none")
+        job_uid = self.job_uid
+        owner = None if job_uid is None else await asyncio.to_thread(job_uid, job, run_dir)
         try:
             ingested = await asyncio.to_thread(ingest, self.objects, self.snapshots,
-                                               outputs_dir)
+                                               outputs_dir, owner)
         except (FetchmlError, OSError) as exc:
             if disk_full(exc):
                 raise Unavailable(f"job {job.id}'s outputs are still not stored: the disk is "

@@ -10,19 +10,26 @@ Restarting after a crash, each attempt the store says runs here is in one of the
 ended (status.json: record it), running (a live supervisor: watch it again), never launched
 (no spec.json, or nobody took it within a grace period: launch it now, same attempt), or gone
 (its supervisor died without a status: lost, or retried when attempts are left).
+
+When ``job_identity`` names credentials for a job's owner (a root daemon, a job of anyone but
+local root), the job runs as them: its workspace, outputs and metrics file are handed to that
+uid, the path to its run directory is made traversable (search, never listing: 0711) and
+everything else of the run directory stays the daemon's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -43,6 +50,7 @@ from fetchml.daemon.jobs.outputs import (
     lost_outputs,
     not_stored,
 )
+from fetchml.daemon.security.job_identity import JobCredentials
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.supervise.launcher import SupervisorLauncher
 from fetchml.daemon.supervise.processes import (
@@ -58,7 +66,7 @@ from fetchml.daemon.supervise.records import (
     read_supervisor_info,
     write_json_atomic,
 )
-from fetchml.daemon.supervise.rundir import RunDir
+from fetchml.daemon.supervise.rundir import PRIVATE_FILES, RunDir
 from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 
@@ -77,6 +85,10 @@ ADOPT_POLL_S = 0.02
 # until it is stored, waiting a little longer each time up to the cap.
 RECORD_RETRY_S, RECORD_RETRY_MAX_S = 0.5, 5.0
 MANIFEST_CACHE = 64  # snapshots kept decoded: sweeps reuse one
+PRIVATE_DIR_MODE, PRIVATE_FILE_MODE = 0o700, 0o600
+# A run directory and its parents when the job runs as another user: it may pass through them
+# to what it owns, never list them (other runs stay out of sight).
+TRAVERSE_MODE = 0o711
 
 
 def base_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -146,6 +158,60 @@ def lock_holder(path: Path) -> int | None:
     return None
 
 
+def hand_over_job_files(run_dir: Path, user: JobCredentials) -> None:
+    """Give ``user`` what its job writes: the workspace (copies, never links into the object
+    store, so owning them changes nothing stored), the outputs directory and the files made
+    for it (the metrics file). The run directory itself and the supervisor's files stay the
+    daemon's. Refused when ``user`` cannot reach the run directory."""
+    blocked = first_unsearchable(run_dir, user)
+    if blocked is not None:
+        mode = stat.S_IMODE(os.stat(blocked).st_mode)
+        raise Unavailable(f"uid {user.uid} cannot reach its run directory: {blocked} (mode "
+                          f"{mode:04o}) does not let it through; give that directory o+x "
+                          "(search, not read) or choose a state_dir whose parents do")
+    layout = RunDir(run_dir)
+    for top, dirs, files in os.walk(layout.work):  # never follows a link; only we wrote it
+        os.chown(top, user.uid, user.gid, follow_symlinks=False)
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(top, name), user.uid, user.gid, follow_symlinks=False)
+    os.chown(layout.outputs, user.uid, user.gid, follow_symlinks=False)
+    for mine in (layout.work, layout.outputs):  # the run directory lets anyone through
+        os.chmod(mine, PRIVATE_DIR_MODE)
+    with os.scandir(run_dir) as entries:
+        for entry in entries:
+            if entry.name not in PRIVATE_FILES and entry.is_file(follow_symlinks=False):
+                os.chown(entry.path, user.uid, user.gid, follow_symlinks=False)
+                os.chmod(entry.path, PRIVATE_FILE_MODE, follow_symlinks=False)
+
+
+def _home_of(user: JobCredentials, work: Path) -> str:
+    """The user's home when it has one of its own, else the workspace: caches written under
+    $HOME (pip, Hugging Face, Triton) need a directory the job may write."""
+    if user.home:
+        with contextlib.suppress(OSError):
+            st = os.stat(user.home)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == user.uid:
+                return user.home
+    return str(work)
+
+
+def first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
+    """The first directory from / down to ``path`` that ``user`` may not pass through."""
+    groups = {user.gid, *user.groups}
+    path = Path(os.path.abspath(path))
+    for directory in [*reversed(path.parents), path]:
+        st = os.stat(directory)
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return directory
+    return None
+
+
 @dataclass
 class RunnerHooks:
     """Where features plug into starting an attempt, in this order:
@@ -171,14 +237,17 @@ class Runner:
     def __init__(self, *, state_dir: Path, host: str, store: JobStore, objects: ObjectStore,
                  snapshots: ObjectStore, inventory: HostInventory, kill_grace: float,
                  environ: Mapping[str, str], on_change: Callable[[Job], None],
-                 on_end: Callable[[int], None], hooks: RunnerHooks | None = None) -> None:
+                 on_end: Callable[[int], None], hooks: RunnerHooks | None = None,
+                 job_identity: Callable[[str], JobCredentials | None] | None = None) -> None:
         self.runs_dir = state_dir / "runs"
+        # owner -> who the job runs as (None: the daemon's user); None: always the daemon's.
+        self.job_identity = job_identity
         self.host, self.store = host, store
         self.objects, self.snapshots = objects, snapshots
         self.inventory, self.kill_grace = inventory, kill_grace
         self.base_env = base_environment(environ)
         self._on_change, self._on_end = on_change, on_end
-        self.launcher = SupervisorLauncher()
+        self.launcher = SupervisorLauncher(environ=self.base_env)
         self.attempts: dict[int, Attempt] = {}
         self._starting: dict[int, bool] = {}  # job id -> whether a cancel came meanwhile
         self._settling: set[int] = set()  # attempts ended whose result is being recorded
@@ -187,10 +256,13 @@ class Runner:
         self.hooks = hooks or RunnerHooks()
         self.outputs = PendingOutputs(state_dir=state_dir, host=host, store=store,
                                       objects=objects, snapshots=snapshots,
-                                      run_dir_of=self.run_dir, on_change=on_change)
+                                      run_dir_of=self.run_dir, on_change=on_change,
+                                      job_uid=self._job_uid)
 
     async def open(self) -> None:
-        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        if self.job_identity is not None and os.geteuid() == 0:
+            os.chmod(self.runs_dir, TRAVERSE_MODE)  # jobs of other users pass through it
         await self.launcher.start()
 
     async def close(self) -> None:
@@ -221,8 +293,12 @@ class Runner:
             self._manifests[snapshot] = manifest
         return manifest
 
-    def _environment(self, job: Job, run_dir: Path) -> dict[str, str]:
+    def _environment(self, job: Job, run_dir: Path,
+                     user: JobCredentials | None = None) -> dict[str, str]:
         env = dict(self.base_env)
+        if user is not None:  # not the daemon's user: not its name and home either
+            name = user.name or str(user.uid)
+            env.update(USER=name, LOGNAME=name, HOME=_home_of(user, RunDir(run_dir).work))
         env.update(job.env)
         gpus = [g for g in self.inventory.gpus if g.index in job.gpu_ids]
         # UUIDs, not indices, for real GPUs: CUDA's own device order can differ from
@@ -247,11 +323,15 @@ class Runner:
     def _prepare(self, job: Job, run_dir: Path) -> None:
         """Materialise the snapshot and write the supervisor's spec (blocking)."""
         manifest = self._manifest(job.snapshot)
+        user = self.job_identity(job.owner) if self.job_identity is not None else None
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a half-prepared attempt from before a crash
         with contextlib.suppress(FileExistsError):
-            os.mkdir(run_dir.parent, 0o700)
-        os.mkdir(run_dir, 0o700)
+            os.mkdir(run_dir.parent, PRIVATE_DIR_MODE)
+        os.mkdir(run_dir, PRIVATE_DIR_MODE)
+        if user is not None:
+            os.chmod(run_dir.parent, TRAVERSE_MODE)
+            os.chmod(run_dir, TRAVERSE_MODE)
         os.mkdir(RunDir(run_dir).outputs)
         work = RunDir(run_dir).work
         materialize(manifest, self.objects, work)
@@ -261,8 +341,12 @@ class Runner:
                              "queue the job with a --workdir that exists")
         for expose in self.hooks.workspace:
             expose(job, run_dir)
-        spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir),
+        if user is not None:
+            hand_over_job_files(run_dir, user)
+        spec = RunSpec(argv=tuple(job.argv), env=self._environment(job, run_dir, user),
                        cwd=str(cwd), timeout=job.timeout, kill_grace=self.kill_grace)
+        if user is not None:
+            spec = replace(spec, uid=user.uid, gid=user.gid, groups=user.groups)
         for rewrite in self.hooks.spec:
             spec = rewrite(spec, job, run_dir)
         write_json_atomic(RunDir(run_dir).spec, spec.to_dict())
@@ -338,8 +422,7 @@ class Runner:
                 error = OVER_LIMIT
             else:
                 try:
-                    ingested = await asyncio.to_thread(ingest, self.objects, self.snapshots,
-                                                       outputs_dir)
+                    ingested = await asyncio.to_thread(self._ingest, job, run_dir)
                 except (FetchmlError, OSError) as exc:
                     log.warning("job %d: outputs not stored: %s", job.id, exc)
                     error = not_stored(job.id, exc)
@@ -347,6 +430,23 @@ class Runner:
         result = result_from_status(job, status, ingested.snapshot, error, ingested.warnings)
         # finished when its processes ended, not when the daemon got round to recording it
         await self._record(job, result, status.finished_at)
+
+    def _ingest(self, job: Job, run_dir: Path) -> Ingested:
+        """Store the attempt's outputs (blocking); only files of the uid it ran as are read."""
+        return ingest(self.objects, self.snapshots, RunDir(run_dir).outputs,
+                      owner=self._job_uid(job, run_dir))
+
+    def _job_uid(self, job: Job, run_dir: Path) -> int | None:
+        """The uid the attempt ran as when not the daemon's: from its spec, else (a podman
+        container, started by the daemon's user) from its owner."""
+        try:
+            uid = RunSpec.from_dict(json.loads(RunDir(run_dir).spec.read_bytes())).uid
+        except (OSError, ValueError, BadRequest):
+            uid = None
+        if uid is None and self.job_identity is not None:
+            user = self.job_identity(job.owner)
+            uid = None if user is None else user.uid
+        return uid
 
     async def _lost(self, job: Job, run_dir: Path, why: str) -> None:
         info = read_supervisor_info(run_dir)

@@ -291,7 +291,7 @@ def write_series_file(path: Path, metrics: AttemptMetrics) -> None:
     }
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
+                 0o600)  # the daemon's: other users' jobs may pass through the run directory
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(msgpack.packb(document, use_bin_type=True))

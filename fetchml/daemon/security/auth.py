@@ -90,6 +90,11 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
+def local_user_name(uid: int) -> str:
+    """The name a local uid's identity carries (its passwd name, else ``uid<N>``)."""
+    return _user_name(uid)
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

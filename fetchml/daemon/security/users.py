@@ -154,6 +154,11 @@ class UserRegistry:
     def get(self, name: str) -> UserRecord | None:
         return self._users.get(name)
 
+    def uid_of(self, name: str) -> int | None:
+        """The local uid an active user is mapped to (its jobs run as it), or None."""
+        user = self._users.get(name)
+        return user.uid if user is not None and user.active else None
+
     def all(self) -> list[UserRecord]:
         return sorted(self._users.values(), key=lambda u: u.name)
 

@@ -16,6 +16,10 @@ directory), so a launch only hands over a path; the next spare is forked after t
 Supervisors never get the daemon's Ctrl-C or stop, and the launcher exits when its stdin
 closes (the daemon went away) without touching one.
 
+The launcher starts with the daemon's environment minus the daemon's own settings (every
+``FETCHML_*`` variable: API keys, the cluster secret): supervisors are its forks, a job can be
+their child, and a process's initial environment stays readable in ``/proc/<pid>/environ``.
+
 This module's top level imports only what the launcher process needs: asyncio is imported
 inside the client's methods, in the daemon, and would make every fork dearer.
 """
@@ -30,6 +34,7 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -52,6 +57,16 @@ CLOSE_TIMEOUT = 5.0  # seconds for the launcher to exit after its stdin closed
 WARM_UP_AFTER = 0.05  # seconds a spare waits for work before it warms up
 # Where `fetchml` is importable from, so the launcher finds it whatever the daemon's cwd.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
+PRIVATE_PREFIX = "FETCHML_"  # the daemon's settings and secrets: never in the launcher's env
+
+
+def launcher_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the daemon's settings, plus what the launcher needs to import us."""
+    env = {k: v for k, v in environ.items() if not k.startswith(PRIVATE_PREFIX)}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+    )
+    return env
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,7 @@ def _become_supervisor(run_dir_pipe: int) -> NoReturn:
     code = 1
     try:
         os.setsid()
+        os.umask(0o077)  # its records and diagnostics are the daemon's; the job has its own
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # the daemon's pipes: holding them would hide the launcher's death
             os.dup2(devnull, fd)
@@ -234,8 +250,12 @@ class SupervisorLauncher:
     supervisor.json names the one that runs the job.
     """
 
-    def __init__(self, *, python: str | None = None, request_timeout: float = REQUEST_TIMEOUT):
+    def __init__(self, *, python: str | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                 environ: Mapping[str, str] | None = None):
+        """``environ``: the environment to start the launcher with (default the daemon's);
+        its ``FETCHML_*`` variables are dropped either way."""
         self._python = python or sys.executable
+        self._environ = environ
         self._request_timeout = request_timeout
         self._process: asyncio.subprocess.Process | None = None
         self._lock: asyncio.Lock | None = None
@@ -291,10 +311,7 @@ class SupervisorLauncher:
     async def _spawn(self) -> None:
         import asyncio  # here: the launcher process imports this module without asyncio
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
-        )
+        env = launcher_environment(os.environ if self._environ is None else self._environ)
         try:
             self._process = await asyncio.create_subprocess_exec(
                 self._python,

@@ -35,6 +35,7 @@ DEFAULT_UMASK = 0o022
 REASONS = frozenset({"exited", "timeout", "cancelled", "spawn_failed", "limit"})
 # Which limit stopped a job whose reason is "limit".
 LIMITS = frozenset({"memory", "processes", "log", "output"})
+MAX_ID = 2**32 - 2  # uid_t and gid_t are 32 bits, and -1 means "no id"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class RunSpec:
     # The first levels of the job's tree that are a sandbox's own processes (bwrap and its
     # pid 1): they die with everything under them, so SIGTERM goes only to what they run.
     wrapper_depth: int = 0
+    # Who the job runs as (None: the supervisor's own user). Set only by a root daemon, for a
+    # job whose owner is not local root: the job drops to this uid, gid and these groups
+    # before exec, so it can touch nothing of the daemon's.
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -124,6 +131,11 @@ class RunSpec:
                "max_output_bytes needs output_dir")
         _check(isinstance(self.wrapper_depth, int) and not isinstance(self.wrapper_depth, bool)
                and 0 <= self.wrapper_depth <= 8, "wrapper_depth must be an integer from 0 to 8")
+        _check((self.uid is None) == (self.gid is None), "uid and gid go together")
+        _check(all(_is_id(i) for i in (self.uid, self.gid) if i is not None)
+               and all(_is_id(g) for g in self.groups),
+               "uid, gid and groups must be ids from 0 to 4294967294")
+        _check(self.uid is not None or not self.groups, "groups need a uid and gid")
 
     def resource_limits(self) -> list[tuple[int, int, int]]:
         """(resource constant, soft, hard) for ``resource.setrlimit``."""
@@ -148,6 +160,9 @@ class RunSpec:
             "max_output_bytes": self.max_output_bytes,
             "output_dir": self.output_dir,
             "wrapper_depth": self.wrapper_depth,
+            "uid": self.uid,
+            "gid": self.gid,
+            "groups": list(self.groups),
         }
 
     @classmethod
@@ -180,6 +195,11 @@ class RunSpec:
         if "cgroups" in kwargs:
             _check(isinstance(kwargs["cgroups"], list), "cgroups must be a list of directories")
             kwargs["cgroups"] = tuple(kwargs["cgroups"])
+        if kwargs.get("groups") is None:
+            kwargs.pop("groups", None)
+        else:
+            _check(isinstance(kwargs["groups"], list), "groups must be a list of group ids")
+            kwargs["groups"] = tuple(kwargs["groups"])
         return cls(**kwargs)
 
 
@@ -265,11 +285,12 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it over ``path``.
 
     No fsync: the rename keeps readers from ever seeing half a file across a daemon or
-    supervisor crash, and a host crash ends the job anyway.
+    supervisor crash, and a host crash ends the job anyway. Mode 0600: a run directory may
+    let other users' jobs through, and its records are the daemon's alone.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644)
+    fd = os.open(tmp, flags, 0o600)
     try:
         os.write(fd, json.dumps(dict(data)).encode())
     finally:
@@ -324,6 +345,10 @@ def _soft_hard(name: str, value: object) -> tuple[int, int]:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
 
 
 def _is_limit(value: object) -> bool:

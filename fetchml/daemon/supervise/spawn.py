@@ -1,5 +1,10 @@
 """Starting a job's command for the supervisor: a session of its own, default signals, its
-cgroups and resource limits, stdio on the log; or one sentence saying why it did not start.
+cgroups and resource limits, its user, stdio on the log; or one sentence saying why it did not
+start.
+
+A spec with a uid (a root daemon's job of anyone but local root) drops to that uid, its gid
+and groups in the child, after joining its cgroups and setting its limits (which need the
+supervisor's privileges) and before exec: nothing the job runs keeps any of root's powers.
 
 The standard library only (and the limits module): the launcher forks supervisors from a
 small interpreter, and every module imported here makes each fork dearer.
@@ -47,7 +52,7 @@ def spawn_job(spec: RunSpec, log_fd: int) -> int | SpawnFailure:
 
     cwd, umask and CPU affinity are set on this process around the spawn and inherited, so
     the common case can use posix_spawn (vfork: a quarter of a fork's cost here). Resource
-    limits and cgroups must be set in the child alone, so they take the fork path.
+    limits, cgroups and another user must be set in the child alone: they take the fork path.
     """
     if spec.cpu_affinity is not None:  # kept afterwards: the supervisor may share the job's CPUs
         try:
@@ -63,7 +68,7 @@ def spawn_job(spec: RunSpec, log_fd: int) -> int | SpawnFailure:
     old_umask = os.umask(spec.umask)
     try:
         executable = find_executable(spec.argv[0], spec.env)
-        if spec.rlimits or spec.cgroups:
+        if spec.rlimits or spec.cgroups or spec.uid is not None:
             return _fork_exec(spec, executable, log_fd)
         return os.posix_spawn(
             executable,
@@ -126,6 +131,10 @@ def _fork_exec(spec: RunSpec, executable: str, log_fd: int) -> int | SpawnFailur
     if stage == "rlimit":
         return SpawnFailure(f"resource limits cannot be applied ({detail}); keep them within "
                             "the daemon's own hard limits", None)
+    if stage == "user":
+        return SpawnFailure(f"the job cannot switch to uid {spec.uid} ({detail}); the daemon "
+                            "must run as root with CAP_SETUID and CAP_SETGID to run jobs as "
+                            "their owners", None)
     return exec_failure(spec.argv[0], code, os.strerror(code) if code else detail)
 
 
@@ -142,6 +151,13 @@ def _exec_limited(spec: RunSpec, executable: str, log_fd: int, report_fd: int) -
         stage = "rlimit"
         for limit, soft, hard in spec.resource_limits():
             resource.setrlimit(limit, (soft, hard))
+        if spec.uid is not None and spec.gid is not None:
+            stage = "user"
+            drop_privileges(spec.uid, spec.gid, spec.groups)
+            stage = "exec"
+            # The job's PATH searched as the job's user: a directory it may not enter (root's
+            # own interpreters under /root) is passed over, as its own shell would.
+            executable = find_executable(spec.argv[0], spec.env)
         stage = "exec"
         stdin_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin_fd, 0)
@@ -153,6 +169,16 @@ def _exec_limited(spec: RunSpec, executable: str, log_fd: int, report_fd: int) -
         with contextlib.suppress(OSError):
             os.write(report_fd, f"{stage}\0{code}\0{exc}".encode(errors="replace"))
     os._exit(EXIT_COMMAND_NOT_FOUND)
+
+
+def drop_privileges(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    """Become ``uid`` with ``gid`` and exactly ``groups``, for good (real, effective and saved
+    ids): groups first, while still allowed to set them. Checked: no way back to root."""
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if uid != 0 and (os.geteuid() == 0 or os.getuid() == 0):
+        raise PermissionError(errno.EPERM, "the process kept root's ids")
 
 
 def exec_failure(command: str, code: int, reason: str) -> SpawnFailure:

@@ -227,8 +227,9 @@ def _lock(fd: int) -> bool:
 
 
 def _open_append(path: Path) -> int:
+    """The log and its index: the daemon's to read (the job writes the log through its fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(path, flags, 0o644)
+    return os.open(path, flags, 0o600)
 
 
 class _JobWatch:
