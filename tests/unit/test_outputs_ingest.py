@@ -56,3 +56,22 @@ def test_a_full_disk_is_recognised(tmp_path: Path) -> None:
         assert not disk_full_at(tmp_path)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_files_not_the_jobs_own_are_left_out_with_a_warning(tmp_path: Path) -> None:
+    """A job run as another user may plant a hard link to what only the daemon could read:
+    that file is left out, and the rest of its outputs are still stored."""
+    if os.geteuid() != 0:
+        pytest.skip("changing owners needs root")
+    objects, snapshots = ObjectStore(tmp_path / "objects"), ObjectStore(tmp_path / "snapshots")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "mine.txt").write_text("mine")
+    for path in (outputs, outputs / "mine.txt"):
+        os.chown(path, 65534, 65534)
+    (outputs / "secret").write_text("root's")  # root's, as a hard link to /etc/shadow would be
+    done = ingest(objects, snapshots, outputs, owner=65534)
+    assert done.snapshot is not None
+    manifest = SnapshotManifest.decode(snapshots.read_bytes(done.snapshot))
+    assert [e.path for e in manifest] == ["mine.txt"]
+    assert len(done.warnings) == 1 and "does not belong to uid 65534" in done.warnings[0]
