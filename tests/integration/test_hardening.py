@@ -33,9 +33,10 @@ def test_pins_are_listed_and_removed_per_owner(short_tmp: Path) -> None:
         with daemon.connect() as admin:
             keys = {name: admin.call("admin.users.add", {"name": name, "role": "researcher"}
                                      )["key"] for name in ("alice", "bob")}
-            snapshot = stored_snapshot(admin)
         with daemon.connect(api_key=keys["alice"]) as alice, \
                 daemon.connect(api_key=keys["bob"]) as bob:
+            snapshot = stored_snapshot(alice)
+            assert stored_snapshot(bob) == snapshot  # the same tree: theirs too
             alice.call("snapshot.pin", {"snapshot": snapshot})
             assert bob.call("snapshot.pins")["pins"] == []
             with pytest.raises(NotFound, match="not pinned by you"):
