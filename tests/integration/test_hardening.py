@@ -33,9 +33,10 @@ def test_pins_are_listed_and_removed_per_owner(short_tmp: Path) -> None:
         with daemon.connect() as admin:
             keys = {name: admin.call("admin.users.add", {"name": name, "role": "researcher"}
                                      )["key"] for name in ("alice", "bob")}
-            snapshot = stored_snapshot(admin)
         with daemon.connect(api_key=keys["alice"]) as alice, \
                 daemon.connect(api_key=keys["bob"]) as bob:
+            snapshot = stored_snapshot(alice)
+            assert stored_snapshot(bob) == snapshot  # the same tree: theirs too
             alice.call("snapshot.pin", {"snapshot": snapshot})
             assert bob.call("snapshot.pins")["pins"] == []
             with pytest.raises(NotFound, match="not pinned by you"):
@@ -117,9 +118,12 @@ def test_pending_connections_are_capped_per_address_and_the_socket_still_answers
             held = [stack.enter_context(socket.create_connection(("127.0.0.1", port),
                                                                  timeout=10)) for _ in range(3)]
             time.sleep(0.2)  # accepted, in that order
-            extra = stack.enter_context(socket.create_connection(("127.0.0.1", port),
-                                                                 timeout=10))
-            assert _closed_within(extra, 5)  # long before the 30 s deadline
+            try:  # refused at accept, long before the 30 s deadline (a reset can beat connect)
+                extra = stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                     timeout=10))
+                assert _closed_within(extra, 5)
+            except ConnectionResetError:
+                pass
             for sock in held:
                 assert not _closed_within(sock, 0.05)
             with daemon.connect() as admin:  # the Unix socket is not behind the gate
