@@ -49,7 +49,6 @@ def log_counts(log: str) -> Counter[str]:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.serial  # how restarts take attempts over depends on timing: counted alone
 def test_kill_9_while_jobs_run_and_queue_loses_nothing(short_tmp: Path) -> None:
     daemon = make_daemon(short_tmp, FETCHML_CPUS=str(SLOTS)).start()
     jobs = Jobs(daemon, short_tmp)

@@ -547,6 +547,7 @@ class Runner:
                     self.cancel(job.id)
             elif supervisor is not None:
                 if read_status(run_dir) is not None:  # it ended just now
+                    log.info("job %d ended while the daemon was away", job.id)
                     await self._conclude(job, run_dir)
                 else:
                     await self._lost(job, run_dir, "its supervisor is gone (daemon or host "
@@ -572,6 +573,7 @@ class Runner:
                 return
             if read_status(run_dir) is not None:
                 self._starting.pop(job.id, None)
+                log.info("job %d ended while the daemon was away", job.id)
                 await self._conclude(job, run_dir)
                 return
             await asyncio.sleep(ADOPT_POLL_S)
