@@ -171,6 +171,21 @@ def test_the_cli_never_imports_the_daemon_but_to_run_it() -> None:
     assert reaching, "fetchml daemon no longer imports the daemon lazily: update this test"
 
 
+SERVICES = ("jobs", "store", "supervise", "isolation", "security", "cluster", "datasets",
+            "observe")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_service_knows_the_core_or_the_app(service: str) -> None:
+    """Services get what they use from core.py; none imports it back, not even for types."""
+    package = f"fetchml.daemon.{service}"
+    assert any(within(module, package) for module in MODULES)
+    bad = [str(e) for e in ALL_EDGES if within(e.source, package)
+           and e.target in ("fetchml.daemon.core", "fetchml.daemon.app",
+                            "fetchml.daemon.server", "fetchml.daemon.session")]
+    assert bad == []
+
+
 def test_the_supervisor_side_imports_only_the_standard_library_psutil_and_errors() -> None:
     allowed = {"psutil", "fetchml.errors"}
     bad = [str(e) for e in ALL_EDGES
