@@ -216,6 +216,15 @@ def stop_if_running(daemon: DaemonProcess) -> None:
 
 
 @pytest.fixture
+def project(short_tmp: Path) -> Path:
+    """A one-file project to sync and queue from."""
+    root = short_tmp / "project"
+    root.mkdir()
+    (root / "train.py").write_text("print('training')\n")
+    return root
+
+
+@pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
     """A daemon served in this process, default settings."""
     served = make_inprocess_daemon(short_tmp).start()

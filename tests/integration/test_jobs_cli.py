@@ -33,14 +33,6 @@ def daemon4(short_tmp: Path) -> Iterator[DaemonProcess]:
     daemon.stop()
 
 
-@pytest.fixture
-def project(short_tmp: Path) -> Path:
-    root = short_tmp / "project"
-    root.mkdir()
-    (root / "train.py").write_text("print('training')\n")
-    return root
-
-
 def queue(daemon: DaemonProcess, project: Path, *args: str) -> list[dict[str, Any]]:
     done = daemon.cli("queue", "--json", *args, cwd=project)
     assert done.returncode == 0, done.stderr

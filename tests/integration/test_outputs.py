@@ -20,6 +20,7 @@ from fetchml.client import Connection
 from fetchml.errors import NotFound, PermissionDenied
 from fetchml.protocol import ops
 from tests.conftest import DaemonProcess, make_inprocess_daemon, stop_if_running
+from tests.integration.test_jobs_cli import queue, status
 
 WRITTEN = {
     ".git/HEAD": "ref: refs/heads/main\n",
@@ -35,24 +36,6 @@ WRITTEN = {
 }
 
 
-@pytest.fixture
-def project(short_tmp: Path) -> Path:
-    root = short_tmp / "project"
-    root.mkdir()
-    (root / "train.py").write_text("print('training')\n")
-    return root
-
-
-def queue(daemon: DaemonProcess, project: Path, *args: str) -> list[dict[str, Any]]:
-    done = daemon.cli("queue", "--json", *args, cwd=project)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["jobs"]  # type: ignore[no-any-return]
-
-
-def status(daemon: DaemonProcess, *args: str) -> Any:
-    done = daemon.cli("status", "--json", *args)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def stored_snapshot(conn: Connection) -> str:
