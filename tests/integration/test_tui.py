@@ -5,6 +5,7 @@ re-queue and pull, narrow terminals, a read-only role, and a daemon restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,8 +138,9 @@ async def test_log_follows_and_plot_gains_points_as_written(daemon: DaemonProces
                                                             short_tmp: Path) -> None:
     gate = short_tmp / "gate"
     app = dashboard(daemon, short_tmp)
-    with daemon.connect() as conn:
+    with daemon.connect() as conn, contextlib.ExitStack() as cleanup:
         job = await asyncio.to_thread(train, conn, gate, 20)
+        cleanup.callback(gate.touch)  # the job waits on the gate: never leave it waiting
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.selected == job["id"], "the job is selected")
             await until(pilot, lambda: app.plot.point_count == 20, "the first 20 points")
