@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
 import socket
 import ssl
@@ -31,8 +30,6 @@ ACCEPT_LOG_INTERVAL_S = 60.0  # accept failures are logged at most once per inte
 # Once this many pending connections have all gone, the freed memory is handed back to the
 # system (each TLS connection had a 256 KiB read buffer; malloc keeps what it freed).
 TRIM_AFTER = 64
-_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                           errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 @dataclass(eq=False)
@@ -83,10 +80,8 @@ class ConnectionGate:
             while True:
                 try:
                     conn, peer = await loop.sock_accept(sock)
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_RETRY:
-                        raise
-                    self._accept_failed(exc)
+                except OSError as exc:  # no descriptors, no memory, a peer gone at once...
+                    self._accept_failed(exc)  # ...: the listener goes on, as asyncio's does
                     await asyncio.sleep(ACCEPT_BACKOFF_S)
                     continue
                 pending = self._admit(conn, peer)
