@@ -72,11 +72,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         heartbeat=None,
     )
     await ws.prepare(request)
-    session = Session(core, ws, identity, identity.source)
-    session.transport = request.transport
-    if core.connections is not None and knock.unix is None:
-        gate, transport = core.connections, request.transport
-        session.on_hello = lambda: gate.admitted(transport)
+    session = Session(core, ws, identity, identity.source, request.transport)
     core.sessions.add(session)
     try:
         await session.run()

@@ -73,9 +73,9 @@ class _StreamCancelled(Exception):
 
 class Session:
     def __init__(self, core: DaemonCore, ws: web.WebSocketResponse, identity: Identity,
-                 peer: str) -> None:
+                 peer: str, transport: asyncio.BaseTransport | None = None) -> None:
         self.core, self.ws, self.identity, self.peer = core, ws, identity, peer
-        self.on_hello: Callable[[], None] | None = None  # the TCP gate lets go of it then
+        self.transport = transport  # to abort a stalled connection
         self.limits = core.limits
         self.in_flight: dict[int, asyncio.Task[None] | None] = {}
         self.streams: set[int] = set()
@@ -87,7 +87,6 @@ class Session:
         # Per-connection state of handlers (e.g. uploads in progress) and how to release it.
         self.state: dict[str, Any] = {}
         self.cleanups: list[Callable[[], None]] = []
-        self.transport: asyncio.BaseTransport | None = None  # to abort a stalled connection
 
     # -- sending ----------------------------------------------------------------------------
     async def send(self, message: dict[str, Any]) -> None:
@@ -183,8 +182,8 @@ class Session:
         self.protocol = agreed
         log.debug("hello from %s (%s) as %s", self.peer, args["client"], self.identity.user)
         await self.send(reply_ok(request.id, self.hello_result()))
-        if self.on_hello is not None:
-            self.on_hello()
+        if self.core.connections is not None and self.transport is not None:
+            self.core.connections.admitted(self.transport)  # no longer pending at the gate
         return True
 
     def hello_result(self) -> dict[str, Any]:
