@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 MIN_PREFIX = 6  # shortest snapshot-id prefix accepted, as in `git` short ids
 READY_TIMEOUT_S = 2.0  # /ready fails when the job store takes longer than this to answer
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Connection(Protocol):
@@ -207,13 +206,13 @@ class DaemonCore:
 
     async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> Cluster | None:
         """Join the cluster when the job store is Redis; None for a standalone daemon."""
-        if not self.settings.store.startswith(REDIS_SCHEMES):
+        if not self.jobs.shared:
             return None
+        # imported here: they import redis, which a standalone daemon never loads
         from fetchml.daemon.cluster.membership import Cluster
         from fetchml.daemon.store.redis import RedisJobStore
 
-        if not isinstance(self.jobs, RedisJobStore):
-            return None
+        assert isinstance(self.jobs, RedisJobStore)
         cluster = Cluster(self.settings, self.jobs, listen_url=self.listen_url,
                           inventory=self.inventory, objects=self.objects,
                           snapshots=self.snapshots, gc=self.gc, events=self.events,

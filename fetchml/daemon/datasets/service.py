@@ -41,6 +41,7 @@ from fetchml.daemon.datasets.registry import (
     SqliteDatasetRegistry,
 )
 from fetchml.daemon.jobs.model import ACTIVE_STATES, Job
+from fetchml.daemon.store import is_redis_url
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.supervise.rundir import DATA_DIR, RunDir
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound
@@ -55,7 +56,7 @@ REFRESH_S = 1.0
 
 def open_registry(settings: DaemonSettings) -> DatasetRegistry:
     """The registry beside the job store: shared in Redis, else a file in the state dir."""
-    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(settings.store):
         from fetchml.daemon.datasets.registry_redis import RedisDatasetRegistry
 
         return RedisDatasetRegistry(settings.store)

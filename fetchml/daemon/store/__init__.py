@@ -26,11 +26,19 @@ if TYPE_CHECKING:
     from fetchml.config import DaemonSettings
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_url(store: str) -> bool:
+    """Whether the ``store`` setting names Redis (a cluster's shared job store)."""
+    return store.startswith(REDIS_SCHEMES)
+
+
 def open_job_store(settings: DaemonSettings) -> JobStore:
     """The store the settings name: the embedded SQLite database unless a Redis URL is given."""
     if settings.store in ("sqlite", ""):
         return SqliteJobStore(settings.state_dir / "jobs.db")
-    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(settings.store):
         from fetchml.daemon.store.redis import RedisJobStore
 
         return RedisJobStore(settings.store)
