@@ -101,9 +101,13 @@ def grant_snapshots(call: Call[Any], *snapshots: str | None) -> None:
 
 
 def grant_objects(call: Call[Any], oids: Iterable[str]) -> None:
-    """Let this connection download these objects (named by a manifest it read, or its own)."""
-    if not call.core.reads_everything(call.identity):
-        call.session.state.setdefault(READABLE_OBJECTS_KEY, set()).update(oids)
+    """Let this connection download these objects (named by a manifest it read)."""
+    call.session.state.setdefault(READABLE_OBJECTS_KEY, set()).update(oids)
+
+
+def may_read_snapshot(call: Call[Any], snapshot: str) -> bool:
+    granted = call.session.state.get(READABLE_SNAPSHOTS_KEY, ())
+    return call.core.may_read_snapshot(call.identity, snapshot, granted)
 
 
 def may_read_object(call: Call[Any], oid: str) -> bool:

@@ -17,9 +17,9 @@ from fetchml.daemon.handlers import (
     grant_objects,
     handles,
     may_read_object,
+    may_read_snapshot,
     resolve_snapshot,
 )
-from fetchml.daemon.security.ownership import READABLE_SNAPSHOTS_KEY
 from fetchml.errors import BadRequest, IntegrityError, NotFound, TooLarge
 from fetchml.protocol import CHUNK_BYTES, ops
 
@@ -216,9 +216,8 @@ def _apply_delta(call: Call[Any]) -> bytes:
     if cached is not None and cached[0] == base_id:
         base = cached[1]
     else:
-        granted = call.session.state.get(READABLE_SNAPSHOTS_KEY, ())
         if not is_oid(base_id) or not call.core.snapshots.contains(base_id) or \
-                not call.core.may_read_snapshot(call.identity, base_id, granted):
+                not may_read_snapshot(call, base_id):
             raise NotFound(f"base snapshot {base_id[:12]} is not stored; send the whole "
                            "manifest")
         base = delta.load_stored(call.core.snapshots.read_bytes(base_id))
