@@ -30,13 +30,18 @@ from fetchml.daemon.jobs.inventory import HostInventory, detect_inventory
 from fetchml.daemon.jobs.model import Job, JobSpec
 from fetchml.daemon.jobs.outputs import PENDING_RETRY_S
 from fetchml.daemon.jobs.retention import Pins, prune_jobs
-from fetchml.daemon.jobs.runner import Runner, first_unsearchable
+from fetchml.daemon.jobs.runner import Runner
 from fetchml.daemon.jobs.scheduler import Capacity, Scheduler, never_fits
 from fetchml.daemon.observe.prometheus import DaemonMetrics
 from fetchml.daemon.observe.training import MetricsTracker
 from fetchml.daemon.security.auth import Authenticator, Identity, local_user_name
 from fetchml.daemon.security.gate import ConnectionGate
-from fetchml.daemon.security.job_identity import JobIdentities, guard_state_dir, resolve_job_user
+from fetchml.daemon.security.job_identity import (
+    JobIdentities,
+    first_unsearchable,
+    guard_state_dir,
+    resolve_job_user,
+)
 from fetchml.daemon.security.ownership import SnapshotOwners
 from fetchml.daemon.store import open_job_store
 from fetchml.daemon.store.contract import JobStore

@@ -20,12 +20,12 @@ import fetchml.daemon.supervise.supervisor as supervisor_module
 from fetchml.cas.ignore import IgnoreRules
 from fetchml.cas.scan import scan_tree
 from fetchml.daemon.isolation.sandbox import Layout, PodmanOptions, podman_argv
-from fetchml.daemon.jobs.runner import hand_over_job_files
 from fetchml.daemon.security.job_identity import (
     JobCredentials,
     JobIdentities,
     credentials_of,
     guard_state_dir,
+    hand_over_job_files,
     resolve_job_user,
 )
 from fetchml.daemon.supervise.launcher import SupervisorLauncher, launcher_environment

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -50,7 +49,7 @@ from fetchml.daemon.jobs.outputs import (
     lost_outputs,
     not_stored,
 )
-from fetchml.daemon.security.job_identity import JobCredentials
+from fetchml.daemon.security.job_identity import JobCredentials, hand_over_job_files, home_of
 from fetchml.daemon.store.contract import JobStore
 from fetchml.daemon.supervise.launcher import SupervisorLauncher
 from fetchml.daemon.supervise.processes import (
@@ -66,7 +65,7 @@ from fetchml.daemon.supervise.records import (
     read_supervisor_info,
     write_json_atomic,
 )
-from fetchml.daemon.supervise.rundir import PRIVATE_FILES, RunDir
+from fetchml.daemon.supervise.rundir import RunDir
 from fetchml.daemon.tasks import cancel_and_wait
 from fetchml.errors import BadRequest, Conflict, FetchmlError, NotFound, Unavailable
 
@@ -85,7 +84,7 @@ ADOPT_POLL_S = 0.02
 # until it is stored, waiting a little longer each time up to the cap.
 RECORD_RETRY_S, RECORD_RETRY_MAX_S = 0.5, 5.0
 MANIFEST_CACHE = 64  # snapshots kept decoded: sweeps reuse one
-PRIVATE_DIR_MODE, PRIVATE_FILE_MODE = 0o700, 0o600
+PRIVATE_DIR_MODE = 0o700
 # A run directory and its parents when the job runs as another user: it may pass through them
 # to what it owns, never list them (other runs stay out of sight).
 TRAVERSE_MODE = 0o711
@@ -155,60 +154,6 @@ def lock_holder(path: Path) -> int | None:
             pid = int(fields[4]) if fields[4].isdigit() else 0
             if pid > 0:
                 return pid
-    return None
-
-
-def hand_over_job_files(run_dir: Path, user: JobCredentials) -> None:
-    """Give ``user`` what its job writes: the workspace (copies, never links into the object
-    store, so owning them changes nothing stored), the outputs directory and the files made
-    for it (the metrics file). The run directory itself and the supervisor's files stay the
-    daemon's. Refused when ``user`` cannot reach the run directory."""
-    blocked = first_unsearchable(run_dir, user)
-    if blocked is not None:
-        mode = stat.S_IMODE(os.stat(blocked).st_mode)
-        raise Unavailable(f"uid {user.uid} cannot reach its run directory: {blocked} (mode "
-                          f"{mode:04o}) does not let it through; give that directory o+x "
-                          "(search, not read) or choose a state_dir whose parents do")
-    layout = RunDir(run_dir)
-    for top, dirs, files in os.walk(layout.work):  # never follows a link; only we wrote it
-        os.chown(top, user.uid, user.gid, follow_symlinks=False)
-        for name in [*dirs, *files]:
-            os.chown(os.path.join(top, name), user.uid, user.gid, follow_symlinks=False)
-    os.chown(layout.outputs, user.uid, user.gid, follow_symlinks=False)
-    for mine in (layout.work, layout.outputs):  # the run directory lets anyone through
-        os.chmod(mine, PRIVATE_DIR_MODE)
-    with os.scandir(run_dir) as entries:
-        for entry in entries:
-            if entry.name not in PRIVATE_FILES and entry.is_file(follow_symlinks=False):
-                os.chown(entry.path, user.uid, user.gid, follow_symlinks=False)
-                os.chmod(entry.path, PRIVATE_FILE_MODE, follow_symlinks=False)
-
-
-def _home_of(user: JobCredentials, work: Path) -> str:
-    """The user's home when it has one of its own, else the workspace: caches written under
-    $HOME (pip, Hugging Face, Triton) need a directory the job may write."""
-    if user.home:
-        with contextlib.suppress(OSError):
-            st = os.stat(user.home)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == user.uid:
-                return user.home
-    return str(work)
-
-
-def first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
-    """The first directory from / down to ``path`` that ``user`` may not pass through."""
-    groups = {user.gid, *user.groups}
-    path = Path(os.path.abspath(path))
-    for directory in [*reversed(path.parents), path]:
-        st = os.stat(directory)
-        if st.st_uid == user.uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in groups:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return directory
     return None
 
 
@@ -298,7 +243,7 @@ class Runner:
         env = dict(self.base_env)
         if user is not None:  # not the daemon's user: not its name and home either
             name = user.name or str(user.uid)
-            env.update(USER=name, LOGNAME=name, HOME=_home_of(user, RunDir(run_dir).work))
+            env.update(USER=name, LOGNAME=name, HOME=home_of(user, RunDir(run_dir).work))
         env.update(job.env)
         gpus = [g for g in self.inventory.gpus if g.index in job.gpu_ids]
         # UUIDs, not indices, for real GPUs: CUDA's own device order can differ from

@@ -12,6 +12,7 @@ users: its jobs run as its own user.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fetchml.errors import ConfigError
+from fetchml.daemon.supervise.rundir import PRIVATE_FILES, RunDir
+from fetchml.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ MAX_ID = 2**32 - 2  # uid_t is 32 bits and -1 means "no id"
 # the dataset cache is read-only); everything else there is the daemon's alone.
 JOB_VISIBLE = frozenset({"runs", "datasets"})
 STATE_DIR_MODE = 0o711  # search, never listing: a job reaches its run only by its path
+# What a job of another user owns in its run directory: its workspace, outputs and files.
+PRIVATE_DIR_MODE, PRIVATE_FILE_MODE = 0o700, 0o600
 PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 
 
@@ -150,3 +154,57 @@ def guard_state_dir(state_dir: Path) -> None:
         log.warning("fs.protected_hardlinks is off: a job could hard-link files of the state "
                     "directory it cannot read into its outputs; set it (sysctl "
                     "fs.protected_hardlinks=1)")
+
+
+def hand_over_job_files(run_dir: Path, user: JobCredentials) -> None:
+    """Give ``user`` what its job writes: the workspace (copies, never links into the object
+    store, so owning them changes nothing stored), the outputs directory and the files made
+    for it (the metrics file). The run directory itself and the supervisor's files stay the
+    daemon's. Refused when ``user`` cannot reach the run directory."""
+    blocked = first_unsearchable(run_dir, user)
+    if blocked is not None:
+        mode = stat.S_IMODE(os.stat(blocked).st_mode)
+        raise Unavailable(f"uid {user.uid} cannot reach its run directory: {blocked} (mode "
+                          f"{mode:04o}) does not let it through; give that directory o+x "
+                          "(search, not read) or choose a state_dir whose parents do")
+    layout = RunDir(run_dir)
+    for top, dirs, files in os.walk(layout.work):  # never follows a link; only we wrote it
+        os.chown(top, user.uid, user.gid, follow_symlinks=False)
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(top, name), user.uid, user.gid, follow_symlinks=False)
+    os.chown(layout.outputs, user.uid, user.gid, follow_symlinks=False)
+    for mine in (layout.work, layout.outputs):  # the run directory lets anyone through
+        os.chmod(mine, PRIVATE_DIR_MODE)
+    with os.scandir(run_dir) as entries:
+        for entry in entries:
+            if entry.name not in PRIVATE_FILES and entry.is_file(follow_symlinks=False):
+                os.chown(entry.path, user.uid, user.gid, follow_symlinks=False)
+                os.chmod(entry.path, PRIVATE_FILE_MODE, follow_symlinks=False)
+
+
+def home_of(user: JobCredentials, work: Path) -> str:
+    """The user's home when it has one of its own, else the workspace: caches written under
+    $HOME (pip, Hugging Face, Triton) need a directory the job may write."""
+    if user.home:
+        with contextlib.suppress(OSError):
+            st = os.stat(user.home)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == user.uid:
+                return user.home
+    return str(work)
+
+
+def first_unsearchable(path: Path, user: JobCredentials) -> Path | None:
+    """The first directory from / down to ``path`` that ``user`` may not pass through."""
+    groups = {user.gid, *user.groups}
+    path = Path(os.path.abspath(path))
+    for directory in [*reversed(path.parents), path]:
+        st = os.stat(directory)
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return directory
+    return None
