@@ -192,14 +192,20 @@ def test_outputs_that_do_not_fit_fail_the_job_and_are_stored_once_there_is_space
 
         daemon.stop()  # the next start stores what is still waiting, by itself
         daemon.start()
-        for _ in range(200):
-            later = status(daemon, str(second["id"]))
-            if later["outputs"]:
-                break
-            time.sleep(0.05)
+        later = stored_later(daemon, second["id"])
         assert later["outputs"] and later["outputs_error"] is None, later
     finally:
         stop_if_running(daemon)
+
+
+def stored_later(daemon: DaemonProcess, job_id: int) -> Any:
+    """The job once its outputs are stored (or as it stands after ten seconds)."""
+    for _ in range(200):
+        later = status(daemon, str(job_id))
+        if later["outputs"]:
+            break
+        time.sleep(0.05)
+    return later
 
 
 def test_a_prune_that_frees_space_lets_waiting_outputs_in(short_tmp: Path, small_disk: Path,
@@ -214,11 +220,7 @@ def test_a_prune_that_frees_space_lets_waiting_outputs_in(short_tmp: Path, small
         pruned = daemon.cli("prune", "--older-than", "0s", "--state", "succeeded",
                             "--gc-grace", "0s")
         assert pruned.returncode == 0, pruned.stderr
-        for _ in range(200):
-            later = status(daemon, str(waiting["id"]))
-            if later["outputs"]:
-                break
-            time.sleep(0.05)
+        later = stored_later(daemon, waiting["id"])
         assert later["outputs"] and later["outputs_error"] is None, later
     finally:
         stop_if_running(daemon)
